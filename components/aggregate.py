@@ -1,0 +1,31 @@
+"""Component: the aggregation step -- results table, composability metrics, report."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Markdown, Output
+
+from components.image import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def aggregate(
+    store_uri: str,
+    base_digest: str,
+    plan: str,
+    data: str,
+    options: str,
+    report: Output[Markdown],
+    results: Output[Dataset],
+) -> str:
+    """Collect every evaluation of ``plan`` from the store and write the report; output the report's store key."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from shared.execution import aggregate as run
+    from shared.execution import report_key
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = run(store_uri, base_digest, plan, data, options, tmp)
+        shutil.copyfile(paths["report.md"], report.path)
+        shutil.copyfile(paths["results.csv"], results.path)
+    return report_key(base_digest, plan, data, options)

@@ -1,0 +1,21 @@
+"""Component: the `edit` evaluator (see shared/evaluation/)."""
+
+from kfp import dsl
+from kfp.dsl import Metrics, Output
+
+from components.image import BASE_IMAGE
+
+EVALUATOR = "edit"
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def evaluate_edit(store_uri: str, model_key: str, data: str, options: str, metrics: Output[Metrics]) -> str:
+    """Evaluate checkpoint ``model_key`` with the `edit` evaluator; output its criteria as JSON and as Metrics."""
+    import json
+
+    from shared.execution import run_evaluation
+
+    criteria = run_evaluation(store_uri, model_key, "edit", data, options)
+    for name, value in criteria.items():
+        metrics.log_metric(name, value)
+    return json.dumps(criteria)

@@ -1,0 +1,1 @@
+"""Experiment specs, the spec -> KFP pipeline builder, and the ``lmcompose`` command line."""

@@ -1,0 +1,83 @@
+"""Compile an experiment spec into a Kubeflow pipeline.
+
+The plan's prefix tree becomes a static DAG: one task per distinct step
+(a child task takes its parent's checkpoint key as input, so it starts as soon
+as its own parent is done -- no per-depth barrier), one task per evaluator per
+evaluated model, and one aggregation task that runs after every evaluation.
+
+Why not ``ParallelFor``: nested loops give wrong values under kfp.local
+(2.17), and one loop per tree depth would make every depth wait for the
+slowest task of the previous one.  The fan-in problem (a component cannot take
+a variable number of inputs) is solved through the store: evaluators write
+results under content-addressed keys that the aggregator recomputes from the
+plan it receives as a constant.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from kfp import dsl
+
+from components import evaluator_component, intervention_component
+from components.aggregate import aggregate
+from components.prepare_base import prepare_base
+from shared.planner import Plan, build_plan, describe_step
+from shared.spec import ExperimentSpec
+
+
+def evaluation_options(spec: ExperimentSpec) -> dict[str, Any]:
+    """Options every evaluator task receives (they key cached results)."""
+    ev = spec.evaluation
+    return {"batch_size": ev.batch_size, "limit": ev.limit, "max_length": ev.max_length}
+
+
+def pipeline_name(spec: ExperimentSpec) -> str:
+    return f"lmcompose-{spec.name}"
+
+
+def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Plan | None = None) -> Callable[..., Any]:
+    """A ``@dsl.pipeline`` function running ``spec`` against the store at ``store_uri``."""
+    plan = plan or build_plan(spec)
+    data_json = spec.data.model_dump_json()
+    options_json = json.dumps(evaluation_options(spec), sort_keys=True)
+    plan_json = json.dumps(plan.to_json(), sort_keys=True)
+
+    @dsl.pipeline(name=pipeline_name(spec), description=spec.description or f"lm-compose experiment {spec.name}")
+    def pipeline(store_uri: str = store_uri) -> None:
+        base = prepare_base(store_uri=store_uri, model_source=spec.model, trust_remote_code=spec.trust_remote_code)
+        base.set_display_name("base model")
+        base_digest = base.outputs["base_digest"]
+        keys = {"base": base.outputs["model_key"]}
+        for node in plan.step_nodes:
+            step = node.steps[-1]
+            task = intervention_component(step["method"])(
+                store_uri=store_uri,
+                base_digest=base_digest,
+                parent_key=keys[node.parent],
+                steps=json.dumps(node.steps, sort_keys=True),
+                data=data_json,
+                trust_remote_code=spec.trust_remote_code,
+            )
+            task.set_display_name(" > ".join(describe_step(s, plan.sweeps.get(s["method"])) for s in node.steps))
+            keys[node.id] = task.output
+        evaluations = []
+        for node in plan.evaluated_nodes:
+            label = node.compositions[0]["label"]
+            for name in plan.evaluators:
+                task = evaluator_component(name)(store_uri=store_uri, model_key=keys[node.id], data=data_json, options=options_json)
+                task.set_display_name(f"eval {name}: {label}")
+                evaluations.append(task)
+        agg = aggregate(store_uri=store_uri, base_digest=base_digest, plan=plan_json, data=data_json, options=options_json)
+        agg.set_display_name("composability report")
+        agg.after(*evaluations)
+
+    return pipeline
+
+
+def compile_pipeline(spec: ExperimentSpec, store_uri: str, output: str) -> None:
+    """Write the pipeline YAML (IR) of ``spec`` to ``output``."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(spec, store_uri), package_path=output)

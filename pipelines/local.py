@@ -1,0 +1,54 @@
+"""Run a compiled experiment on this machine with kfp.local (no Docker, no Kubernetes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from pipelines.builder import build_pipeline, evaluation_options
+from shared.planner import build_plan
+from shared.spec import ExperimentSpec
+
+log = logging.getLogger("lmcompose")
+
+
+def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
+    """Execute ``spec`` through kfp.local's SubprocessRunner; return the folder holding the report.
+
+    Tasks run as subprocesses of this Python environment (``use_venv=False``),
+    so the installed library is what they import.  KFP's local cache is off:
+    the store already skips completed steps, and its keys, unlike KFP's cache
+    keys, cover what the steps computed from.
+    """
+    import kfp.local
+
+    from shared.execution import base_digest_in_store, report_key
+    from shared.store import open_store
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = build_plan(spec)
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(out_dir / "kfp-local"),
+        enable_caching=False,
+    )
+    pipeline = build_pipeline(spec, store_uri, plan)
+    pipeline()
+
+    # the aggregator committed the report to the store; fetch it into the output folder
+    digest = base_digest_in_store(store_uri, spec.model)
+    key = report_key(
+        digest,
+        json.dumps(plan.to_json(), sort_keys=True),
+        spec.data.model_dump_json(),
+        json.dumps(evaluation_options(spec), sort_keys=True),
+    )
+    folder, _ = open_store(store_uri).get_checkpoint(key)
+    report_dir = out_dir / "report"
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    shutil.copytree(folder, report_dir, ignore=shutil.ignore_patterns("manifest.json"))
+    return report_dir

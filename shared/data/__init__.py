@@ -1,0 +1,182 @@
+"""Data packs: formats, loaders and the per-experiment data bundle.
+
+Every data set is a JSON-lines file in the format of the corresponding cluster
+dataset, so the same code reads the built-in packs and real data:
+
+* edits (zsRE style): ``{"subject", "src", "alt", "rephrase": [..], "loc", "loc_ans"}``
+  -- ``src`` is the edit prompt, ``alt`` the new target, ``rephrase`` paraphrased
+  prompts (generalization), ``loc``/``loc_ans`` an unrelated question and its
+  true answer (locality).
+* 4-choice questions (MMLU / WMDP style): ``{"question", "choices": [4 strings], "answer": 0-3}``
+* text corpora (forget, retain, calibration, perplexity): ``{"text": "..."}``
+
+The built-in packs live in ``shared/data/builtin/`` and are written for this
+project.  A data field in an experiment spec is either ``builtin`` or a path
+to a file of the same format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+
+#: data field -> file name of its built-in pack
+BUILTIN_FILES: dict[str, str] = {
+    "edits": "edits.jsonl",
+    "utility_mcq": "utility_mcq.jsonl",
+    "forget_mcq": "forget_mcq.jsonl",
+    "forget_corpus": "forget_corpus.jsonl",
+    "retain_corpus": "retain_corpus.jsonl",
+    "calibration": "calibration.jsonl",
+    "perplexity": "perplexity.jsonl",
+}
+
+
+class DataError(ValueError):
+    """A data file that is missing or malformed (message names the file and line)."""
+
+
+class EditRecord(BaseModel):
+    """One zsRE-style counterfactual edit."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    subject: str
+    src: str
+    alt: str
+    rephrase: list[str] = Field(min_length=1)
+    loc: str
+    loc_ans: str
+
+    @field_validator("rephrase", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class MultipleChoice(BaseModel):
+    """One 4-choice question."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    question: str
+    choices: list[str] = Field(min_length=4, max_length=4)
+    answer: int = Field(ge=0, le=3)
+
+
+class TextDoc(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    text: str = Field(min_length=1)
+
+
+_ROW_MODELS: dict[str, type[BaseModel]] = {
+    "edits": EditRecord,
+    "utility_mcq": MultipleChoice,
+    "forget_mcq": MultipleChoice,
+    "forget_corpus": TextDoc,
+    "retain_corpus": TextDoc,
+    "calibration": TextDoc,
+    "perplexity": TextDoc,
+}
+
+
+def resolve_path(field_name: str, source: str) -> Path:
+    """File behind a data field: the built-in pack for ``builtin``, else the given path."""
+    if field_name not in BUILTIN_FILES:
+        raise DataError(f"unknown data field {field_name!r}; known: {', '.join(BUILTIN_FILES)}")
+    path = BUILTIN_DIR / BUILTIN_FILES[field_name] if source == "builtin" else Path(source).expanduser()
+    return path.resolve()
+
+
+def read_jsonl(path: Path, row_model: type[BaseModel]) -> list[Any]:
+    """Read and validate a JSON-lines file; errors name the file and the line."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(row_model.model_validate(json.loads(line)))
+            except Exception as exc:  # json or validation error
+                raise DataError(f"{path}:{lineno}: not a valid {row_model.__name__} record: {exc}") from exc
+    if not rows:
+        raise DataError(f"data file {path} is empty")
+    return rows
+
+
+def load_field(field_name: str, source: str = "builtin") -> list[Any]:
+    """Load and validate one data field."""
+    return read_jsonl(resolve_path(field_name, source), _ROW_MODELS[field_name])
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class DataConfig(BaseModel):
+    """The ``data:`` section of an experiment spec."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    edits: str = "builtin"
+    utility_mcq: str = "builtin"
+    forget_mcq: str = "builtin"
+    forget_corpus: str = "builtin"
+    retain_corpus: str = "builtin"
+    calibration: str = "builtin"
+    perplexity: str = "builtin"
+    num_edits: int = Field(10, ge=1, description="edits per batch")
+    edit_seed: int = Field(0, description="seed choosing which records form the batch")
+
+    def paths(self) -> dict[str, Path]:
+        return {name: resolve_path(name, getattr(self, name)) for name in BUILTIN_FILES}
+
+    def check_files(self) -> None:
+        """Fail early (before any model work) if a data file is missing or malformed."""
+        for name in BUILTIN_FILES:
+            rows = load_field(name, getattr(self, name))
+            if name == "edits" and len(rows) < self.num_edits:
+                raise DataError(
+                    f"data.num_edits={self.num_edits} but {resolve_path(name, self.edits)} "
+                    f"has only {len(rows)} records"
+                )
+
+
+@dataclass
+class ExperimentData:
+    """The data one experiment uses, loaded lazily, with content digests for cache keys."""
+
+    config: DataConfig = field(default_factory=DataConfig)
+
+    def path(self, name: str) -> Path:
+        return resolve_path(name, getattr(self.config, name))
+
+    def digest(self, name: str) -> str:
+        """Content digest of a data input, including the selection for ``edits``."""
+        base = file_digest(self.path(name))
+        if name == "edits":
+            base = hashlib.sha256(f"{base}:{self.config.num_edits}:{self.config.edit_seed}".encode()).hexdigest()
+        return base
+
+    @cached_property
+    def edits(self) -> list[EditRecord]:
+        """The edit batch: ``num_edits`` records chosen with ``edit_seed``."""
+        records = load_field("edits", self.config.edits)
+        if len(records) < self.config.num_edits:
+            raise DataError(f"need {self.config.num_edits} edits, {self.path('edits')} has {len(records)}")
+        rng = random.Random(self.config.edit_seed)
+        return rng.sample(records, self.config.num_edits)
+
+    def texts(self, name: str) -> list[str]:
+        return [row.text for row in load_field(name, getattr(self.config, name))]
+
+    def questions(self, name: str) -> list[MultipleChoice]:
+        return load_field(name, getattr(self.config, name))

@@ -1,0 +1,233 @@
+"""Knowledge-edit metrics: success, generalization and locality by token F1.
+
+The paper scores an edit by greedy generation after the prompt and a token-level
+F1 between what the model generated and the wanted answer:
+
+* **success** -- the edit prompt (``src``) against the new answer (``alt``);
+* **generalization** -- each rephrased prompt against ``alt`` (averaged over the
+  rephrases of a record);
+* **locality** -- an unrelated question (``loc``) against its true answer
+  (``loc_ans``): an edit that damages unrelated knowledge lowers it.
+
+Every metric is the mean over the records of the batch of edits.
+
+The prompt/target text is defined *here*, once, by :func:`edit_prompt` and
+:func:`edit_target`, and tokenized by :func:`encode_edit_example`.  Editing
+methods (fine-tuning, LoRA, MEMIT) import these so that what they train on is
+token-for-token what is evaluated.  The target carries exactly one leading
+space and the prompt none at its end -- the reference code added the space
+twice, so its training target never matched what the model generates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from shared.data import EditRecord
+
+ANSWER_CUE = "Answer:"
+
+
+def edit_prompt(question: str) -> str:
+    """The text the model is given for an edit question (``"{question} Answer:"``).
+
+    No trailing space: the answer's leading space belongs to the target, which
+    is how BPE tokenizers split ``"... Answer: Paris"`` (``" Paris"`` is one token).
+    """
+    return f"{question.strip()} {ANSWER_CUE}"
+
+
+def edit_target(answer: str) -> str:
+    """The text the model should produce after :func:`edit_prompt` (``" {answer}"``).
+
+    Exactly one leading space, whatever whitespace the data carried.
+    """
+    return " " + answer.strip()
+
+
+def encode_edit_example(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the target, tokenized separately.
+
+    The prompt gets the tokenizer's special tokens (e.g. a BOS for Llama-3) as
+    any model input would; the target gets none.  ``prompt_ids + target_ids`` is
+    therefore the training sequence (loss on the target part only) and
+    ``target_ids`` is exactly what evaluation compares greedy generations with.
+    """
+    prompt_ids = list(tokenizer(edit_prompt(question), add_special_tokens=True)["input_ids"])
+    target_ids = list(tokenizer(edit_target(answer), add_special_tokens=False)["input_ids"])
+    return prompt_ids, target_ids
+
+
+def token_f1(
+    generated_ids: Sequence[int],
+    target_ids: Sequence[int],
+    ignore_ids: Collection[int] = (),
+) -> float:
+    """Token-level F1 of a generation against a target, on *sets* of token ids (the paper's metric).
+
+    The generation is first clipped to the target's length (the model is only
+    asked for as many tokens as the answer has; whatever it says afterwards is
+    not part of the answer).  Then the ``ignore_ids`` (pad, BOS, bare-space
+    tokens; see :func:`ignored_token_ids`) are removed from both, so padding of
+    a finished generation or a stray space never counts.  With ``G`` and ``T``
+    the remaining sets and ``C = G & T``: precision ``|C|/|G|``, recall
+    ``|C|/|T|``, F1 ``2PR/(P+R)``; 0 when ``C`` is empty.
+    """
+    ignore = set(ignore_ids)
+    clipped = list(generated_ids)[: len(target_ids)]
+    gen = {int(t) for t in clipped} - ignore
+    tgt = {int(t) for t in target_ids} - ignore
+    common = gen & tgt
+    if not common:
+        return 0.0
+    precision = len(common) / len(gen)
+    recall = len(common) / len(tgt)
+    return 2 * precision * recall / (precision + recall)
+
+
+def ignored_token_ids(tokenizer: Any, candidates: Iterable[int] = ()) -> set[int]:
+    """Ids that :func:`token_f1` should drop: pad, BOS, EOS and bare-whitespace tokens.
+
+    Whitespace tokens are found among ``candidates`` (the ids that actually
+    occur), which is much cheaper than decoding the whole vocabulary.  EOS is
+    included because a generation that stops early is padded with it on
+    tokenizers whose pad token is EOS.
+    """
+    ignore = {
+        int(i)
+        for i in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        if i is not None
+    }
+    for tok in set(candidates) - ignore:
+        if tokenizer.decode([int(tok)]).strip() == "":
+            ignore.add(int(tok))
+    return ignore
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    pad_token_id: int,
+    eos_token_id: int | list[int] | None,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy continuations of tokenized prompts, batched with left padding.
+
+    Prompts are sorted by length so that a batch holds similar lengths (less
+    padding); each batch generates the largest ``max_new_tokens`` of its rows
+    and every row is cut back to its own budget and at its first EOS (a
+    finished answer ends there; the padding after it is not model output).  Left padding keeps the last
+    prompt token of every row at the same position, which is what batched
+    generation needs; transformers derives position ids from the attention
+    mask, so a padded row generates what it would alone.
+    """
+    if len(prompts) != len(max_new_tokens):
+        raise ValueError("prompts and max_new_tokens differ in length")
+    device = next(model.parameters()).device
+    stop = set() if eos_token_id is None else set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    results: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), max(1, batch_size)):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = list(prompts[i])
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        budget = max(max_new_tokens[i] for i in idx)
+        if budget <= 0:
+            continue
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=budget,
+            min_new_tokens=0,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )
+        new = out[:, width:].tolist()
+        for row, i in enumerate(idx):
+            seq = new[row][: max_new_tokens[i]]
+            cut = next((k for k, tok in enumerate(seq) if tok in stop), len(seq))
+            results[i] = seq[:cut]
+    return results
+
+
+def evaluate_edits(
+    model: Any,
+    tokenizer: Any,
+    edits: Sequence[EditRecord],
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """Edit success, generalization and locality (token F1, averaged over the records).
+
+    ``max_new_tokens=None`` generates exactly as many tokens as each target has
+    (the F1 clips to that length anyway, so more would be wasted compute);
+    an integer fixes the budget for every prompt (still clipped for scoring).
+    Returns ``{"edit_success", "edit_generalization", "edit_locality"}``.
+    """
+    if not edits:
+        raise ValueError("evaluate_edits needs at least one edit record")
+    # one job per (prompt, target): (record index, kind)
+    jobs: list[tuple[int, str]] = []
+    prompts: list[list[int]] = []
+    targets: list[list[int]] = []
+    for r, rec in enumerate(edits):
+        pairs = [("success", rec.src, rec.alt)]
+        pairs += [("generalization", q, rec.alt) for q in rec.rephrase]
+        pairs.append(("locality", rec.loc, rec.loc_ans))
+        for kind, question, answer in pairs:
+            p, t = encode_edit_example(tokenizer, question, answer)
+            jobs.append((r, kind))
+            prompts.append(p)
+            targets.append(t)
+
+    budgets = [len(t) if max_new_tokens is None else max_new_tokens for t in targets]
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        generations = greedy_generate(
+            model, prompts, budgets, _pad_token_id(tokenizer), eos, batch_size=batch_size
+        )
+    finally:
+        model.train(was_training)
+
+    seen = {tok for seq in generations + targets for tok in seq}
+    ignore = ignored_token_ids(tokenizer, seen)
+    per_record: dict[str, list[list[float]]] = {
+        k: [[] for _ in edits] for k in ("success", "generalization", "locality")
+    }
+    for (r, kind), gen, tgt in zip(jobs, generations, targets, strict=True):
+        per_record[kind][r].append(token_f1(gen, tgt, ignore))
+
+    def mean(xs: Sequence[float]) -> float:
+        return float(sum(xs) / len(xs))
+
+    return {
+        f"edit_{kind}": mean([mean(scores) for scores in per_record[kind]])
+        for kind in ("success", "generalization", "locality")
+    }

@@ -1,0 +1,293 @@
+"""Execution of plan steps against the store: the library entry points behind every component.
+
+Each function here does one unit of pipeline work -- prepare the base model,
+apply one intervention, run one evaluator, aggregate -- reading its inputs from
+and writing its outputs to the store under content-addressed keys.  Because
+keys are content-addressed, each function first looks for its result and
+returns it if present: re-running an experiment resumes instead of starting
+over, and KFP's own cache is not needed.
+
+The functions take and return plain strings / JSON so the KFP components that
+wrap them stay one-liners.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.data import DataConfig, ExperimentData
+from shared.interventions import get_intervention
+from shared.store import Store, checkpoint_key, open_store, result_key
+
+log = logging.getLogger("lmcompose")
+
+#: which data inputs each evaluator reads (their digests key its cached results)
+EVALUATOR_DATA: dict[str, tuple[str, ...]] = {
+    "edit": ("edits",),
+    "utility": ("utility_mcq",),
+    "forget": ("forget_mcq",),
+    "perplexity": ("perplexity",),
+    "compression": (),
+}
+
+
+def _data(data_json: str | dict[str, Any]) -> ExperimentData:
+    raw = json.loads(data_json) if isinstance(data_json, str) else data_json
+    return ExperimentData(DataConfig.model_validate(raw))
+
+
+def _temp_dir(store: Store) -> tempfile.TemporaryDirectory:
+    """A scratch folder for writing a checkpoint before it is committed to the store."""
+    staging = getattr(store, "staging_dir", None)
+    parent = staging().parent if staging else None
+    return tempfile.TemporaryDirectory(dir=parent, prefix="write-")
+
+
+def keyed_steps(steps: list[dict[str, Any]], data: ExperimentData) -> list[dict[str, Any]]:
+    """Steps as they enter checkpoint keys: method, version, parameters, data digests."""
+    out = []
+    for step in steps:
+        method = get_intervention(step["method"])
+        params = method.parse_params(step["params"]).model_dump(mode="json")
+        out.append(
+            {
+                "method": step["method"],
+                "version": method.version,
+                "params": params,
+                "data": {name: data.digest(name) for name in method.data_inputs},
+            }
+        )
+    return out
+
+
+def model_key_for(base_digest: str, steps: list[dict[str, Any]], data: ExperimentData) -> str:
+    return checkpoint_key(base_digest, keyed_steps(steps, data))
+
+
+def _alias_key(source: str) -> str:
+    from shared.models import source_identity
+
+    return f"alias/base-{source_identity(source)}.json"
+
+
+def prepare_base(store_uri: str, model_source: str, trust_remote_code: bool = False) -> tuple[str, str]:
+    """Make sure the base model is in the store; return ``(base_digest, model_key)``.
+
+    The built-in GGUF is dequantized once; later runs find the cached
+    safetensors through an alias keyed by the GGUF's own digest.
+    """
+    from shared.models import load_model, materialize_base, model_digest
+
+    store = open_store(store_uri)
+    alias = _alias_key(model_source)
+    if store.has_json(alias):
+        digest = store.get_json(alias)["digest"]
+        key = checkpoint_key(digest, [])
+        if store.has_checkpoint(key):
+            log.info("base model %s found in store (%s)", model_source, key)
+            return digest, key
+    with _temp_dir(store) as tmp:
+        materialize_base(model_source, Path(tmp))
+        model, _ = load_model(Path(tmp), trust_remote_code=trust_remote_code)
+        digest = model_digest(model)
+        del model
+        key = checkpoint_key(digest, [])
+        store.put_checkpoint(key, Path(tmp), {"source": model_source, "model_digest": digest, "steps": [], "records": []})
+    store.put_json(alias, {"digest": digest, "source": model_source})
+    log.info("base model %s stored as %s", model_source, key)
+    return digest, key
+
+
+def run_step(
+    store_uri: str,
+    base_digest: str,
+    steps_json: str,
+    data_json: str,
+    parent_key: str = "",
+    trust_remote_code: bool = False,
+) -> str:
+    """Apply the last of ``steps`` to the checkpoint of the others; return the new key.
+
+    Returns at once if the result is already in the store.  The new checkpoint
+    is written to a scratch folder and committed (manifest last) only after
+    the intervention finished, so a failed or killed step leaves nothing a
+    later step would trust.
+    """
+    import torch
+
+    from shared.models import default_threads, load_model, model_digest, save_model
+
+    steps = json.loads(steps_json)
+    if not steps:
+        raise ValueError("run_step needs at least one step")
+    store = open_store(store_uri)
+    data = _data(data_json)
+    keyed = keyed_steps(steps, data)
+    key = checkpoint_key(base_digest, keyed)
+    if store.has_checkpoint(key):
+        log.info("step %s already in store as %s; skipping", steps[-1]["method"], key)
+        return key
+    expected_parent = checkpoint_key(base_digest, keyed[:-1])
+    if parent_key and parent_key != expected_parent:
+        raise ValueError(f"parent key {parent_key} does not match the steps (expected {expected_parent})")
+    folder, manifest = store.get_checkpoint(expected_parent)
+    parent_meta = manifest["meta"]
+
+    default_threads()
+    model, tokenizer = load_model(folder, trust_remote_code=trust_remote_code)
+    method = get_intervention(steps[-1]["method"])
+    params = method.parse_params(steps[-1]["params"])
+    torch.manual_seed(0)
+    started = time.time()
+    record = method.apply(model, tokenizer, params, data) or {}
+    seconds = time.time() - started
+    log.info("applied %s in %.1f s", method.name, seconds)
+
+    compression = record.get("compression")
+    if compression is None and parent_meta.get("compression"):
+        # the model was compressed earlier and a later step changed its weights
+        compression = {**parent_meta["compression"], "modified_after": True}
+    meta = {
+        "base_digest": base_digest,
+        "steps": keyed,
+        "records": parent_meta.get("records", []) + [{"method": method.name, "record": record, "seconds": seconds}],
+        "compression": compression,
+        "model_digest": model_digest(model),
+    }
+    with _temp_dir(store) as tmp:
+        save_model(model, tokenizer, Path(tmp))
+        store.put_checkpoint(key, Path(tmp), meta)
+    return key
+
+
+def evaluation_config(evaluator: str, data: ExperimentData, options: dict[str, Any]) -> dict[str, Any]:
+    if evaluator not in EVALUATOR_DATA:
+        raise KeyError(f"unknown evaluator {evaluator!r}; allowed: {', '.join(EVALUATOR_DATA)}")
+    return {"options": options, "data": {name: data.digest(name) for name in EVALUATOR_DATA[evaluator]}}
+
+
+def run_evaluation(store_uri: str, model_key: str, evaluator: str, data_json: str, options_json: str = "{}") -> dict[str, float]:
+    """Evaluate one checkpoint with one evaluator; cached in the store by content."""
+    from shared.evaluation import EvalOptions, get_evaluator
+    from shared.models import default_threads, load_model
+
+    store = open_store(store_uri)
+    data = _data(data_json)
+    options = json.loads(options_json) if isinstance(options_json, str) else options_json
+    rkey = result_key(model_key, evaluator, evaluation_config(evaluator, data, options))
+    if store.has_json(rkey):
+        log.info("evaluation %s of %s already in store; skipping", evaluator, model_key)
+        return store.get_json(rkey)["criteria"]
+    folder, manifest = store.get_checkpoint(model_key)
+    default_threads()
+    model, tokenizer = load_model(folder)
+    opts = EvalOptions.model_validate({**options, "compression": manifest["meta"].get("compression")})
+    started = time.time()
+    criteria = {k: float(v) for k, v in get_evaluator(evaluator)(model, tokenizer, data, opts).items()}
+    store.put_json(
+        rkey,
+        {"model_key": model_key, "evaluator": evaluator, "criteria": criteria, "seconds": time.time() - started},
+    )
+    log.info("evaluated %s with %s: %s", model_key, evaluator, criteria)
+    return criteria
+
+
+def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):
+    """The results table (docs/results-schema.md) of a plan, read from the store.
+
+    A missing evaluation is an error: the aggregator runs after every
+    evaluation task, so a gap means a task failed and the table would lie.
+    """
+    import math
+
+    import pandas as pd
+
+    from shared.criteria import CRITERIA
+    from shared.planner import Plan
+
+    store = open_store(store_uri)
+    plan = Plan.from_json(json.loads(plan_json))
+    data = _data(data_json)
+    options = json.loads(options_json) if isinstance(options_json, str) else options_json
+    max_steps = max((len(c["steps"]) for c in plan.compositions), default=0)
+    rows = []
+    for comp in plan.compositions:
+        node = plan.nodes[comp["node"]]
+        key = model_key_for(base_digest, node.steps, data)
+        row: dict[str, Any] = {
+            "model_key": key,
+            "n_steps": len(node.steps),
+            "composition": comp["label"],
+            "methods": ">".join(s["method"] for s in node.steps),
+        }
+        for k in range(1, max_steps + 1):
+            step = node.steps[k - 1] if k <= len(node.steps) else None
+            row[f"step{k}_method"] = step["method"] if step else ""
+            row[f"step{k}_params"] = json.dumps(step["params"], sort_keys=True) if step else ""
+        sweep = comp.get("sweep")
+        row["sweep_method"] = sweep["method"] if sweep else ""
+        row["sweep_param"] = sweep["param"] if sweep else ""
+        row["sweep_value"] = float(sweep["value"]) if sweep else math.nan
+        for name in CRITERIA:
+            row[name] = math.nan
+        for evaluator in plan.evaluators:
+            rkey = result_key(key, evaluator, evaluation_config(evaluator, data, options))
+            if not store.has_json(rkey):
+                raise KeyError(f"evaluation {evaluator} of {comp['label']} ({key}) is missing from the store")
+            row.update(store.get_json(rkey)["criteria"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def aggregate(
+    store_uri: str,
+    base_digest: str,
+    plan_json: str,
+    data_json: str,
+    options_json: str,
+    out_dir: str,
+    title: str = "",
+) -> dict[str, str]:
+    """Build the results table and the composability report into ``out_dir``.
+
+    The report is also committed to the store under ``reports/<plan digest>``
+    so that a driver (``lmcompose run``) or a later user can fetch it.
+    """
+    from shared.interventions import available
+    from shared.report import build_report
+
+    results = collect_results(store_uri, base_digest, plan_json, data_json, options_json)
+    categories = {name: m.category.value for name, m in available().items()}
+    plan = json.loads(plan_json)
+    paths = build_report(results, Path(out_dir), title=title or f"lm-compose report: {plan['spec_name']}", categories=categories)
+    store = open_store(store_uri)
+    store.put_checkpoint(report_key(base_digest, plan_json, data_json, options_json), Path(out_dir), {"spec_name": plan["spec_name"]})
+    return {k: str(v) for k, v in paths.items()}
+
+
+def report_key(base_digest: str, plan_json: str, data_json: str, options_json: str) -> str:
+    """Store key of the report of one plan (same inputs -> same key)."""
+    from shared.store import digest_of
+
+    return "reports/" + digest_of([base_digest, json.loads(plan_json), json.loads(data_json), json.loads(options_json)])[:40]
+
+
+def base_digest_in_store(store_uri: str, model_source: str) -> str:
+    """Content digest of a base model already prepared in the store (KeyError if not)."""
+    return open_store(store_uri).get_json(_alias_key(model_source))["digest"]
+
+
+def completed_nodes(store_uri: str, spec: Any, plan: Any) -> set[str]:
+    """Plan nodes whose checkpoint is already committed in the store (for ``lmcompose plan --store``)."""
+    store = open_store(store_uri)
+    try:
+        digest = base_digest_in_store(store_uri, spec.model)
+    except KeyError:
+        return set()
+    data = ExperimentData(spec.data)
+    return {n.id for n in plan.nodes.values() if store.has_checkpoint(model_key_for(digest, n.steps, data))}

@@ -1,0 +1,75 @@
+"""The intervention interface.
+
+An intervention is one post-training operation (an edit, an unlearning step,
+a compression) with a typed parameter model.  Each method lives in its own
+module in this package and registers itself with :func:`register`; nothing
+else in the project needs to change to add one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.data import ExperimentData
+
+
+class Category(str, Enum):
+    """The three families of interventions studied in the paper."""
+
+    EDIT = "edit"
+    UNLEARN = "unlearn"
+    COMPRESS = "compress"
+
+
+class InterventionParams(BaseModel):
+    """Base class of every method's parameter model: strict, immutable, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Intervention(ABC):
+    """One intervention method.
+
+    Class attributes describe the method to the planner and the spec validator:
+
+    * ``name`` -- the identifier used in experiment specs (``ft``, ``wanda``...).
+    * ``category`` -- edit / unlearn / compress.
+    * ``params_model`` -- pydantic model of its hyperparameters (defaults = the
+      recommended setting for the built-in model).
+    * ``sweep_axis`` -- the parameter that expresses its strength (the sweep
+      axis of composability plots), e.g. ``sparsity`` for Wanda.
+    * ``needs_calibration`` -- whether it reads calibration text.
+    * ``version`` -- bump it when the method's behaviour changes: it is part of
+      checkpoint keys, so results of the old code are not reused.
+    * ``data_inputs`` -- which fields of :class:`shared.data.ExperimentData` it
+      reads; their content digests become part of the checkpoint key, so a
+      different edit batch or corpus can never be mistaken for a cached result.
+    """
+
+    name: ClassVar[str]
+    category: ClassVar[Category]
+    params_model: ClassVar[type[InterventionParams]]
+    version: ClassVar[str] = "1"
+    sweep_axis: ClassVar[str | None] = None
+    needs_calibration: ClassVar[bool] = False
+    data_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def parse_params(self, raw: dict[str, Any] | None) -> InterventionParams:
+        """Validate raw parameters (raises pydantic.ValidationError naming the field)."""
+        return self.params_model.model_validate(raw or {})
+
+    @abstractmethod
+    def apply(self, model: Any, tokenizer: Any, params: Any, data: "ExperimentData") -> dict[str, Any]:
+        """Apply the intervention to ``model`` in place.
+
+        Returns a JSON-serializable record of what was done that later steps
+        and evaluators may need (e.g. ``{"compression": {...}}`` with the
+        method, its parameters and the resulting state).  The model handed
+        back must be dense float weights (compressed models stay dense in
+        memory so later steps can act on them).
+        """

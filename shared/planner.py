@@ -1,0 +1,171 @@
+"""Planner: expand a spec into compositions and fold them into a prefix tree.
+
+A *composition* is a sequence of concrete steps (method + full parameters)
+applied to the base model.  Compositions that share a prefix share the
+models of that prefix, so the plan is a tree whose nodes are distinct step
+sequences: each node is computed once (one intervention run) and evaluated
+once.  ``ft -> wanda(0.25)`` and ``ft -> wanda(0.5)`` share the ``ft`` node,
+so fine-tuning runs once however long the sparsity sweep is -- steps that do
+not depend on a sweep value are hoisted out of the fan-out automatically.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.spec import ExperimentSpec
+from shared.store import canonical_json, digest_of
+
+
+@dataclass
+class Node:
+    """A distinct model of the plan: the base model plus ``steps``."""
+
+    id: str
+    steps: list[dict[str, Any]]
+    parent: str | None
+    compositions: list[dict[str, Any]] = field(default_factory=list)  # compositions ending here
+
+    @property
+    def depth(self) -> int:
+        return len(self.steps)
+
+    @property
+    def method(self) -> str | None:
+        return self.steps[-1]["method"] if self.steps else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "steps": self.steps, "parent": self.parent, "compositions": self.compositions}
+
+
+@dataclass
+class Plan:
+    """The prefix tree of an experiment and its counts."""
+
+    spec_name: str
+    nodes: dict[str, Node]  # insertion order = topological (parents first)
+    compositions: list[dict[str, Any]]
+    evaluators: list[str]
+    sweeps: dict[str, str] = field(default_factory=dict)  # method -> swept parameter
+
+    @property
+    def step_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.steps]
+
+    @property
+    def evaluated_nodes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.compositions]
+
+    def counts(self) -> dict[str, int]:
+        """Work in this plan versus running every composition from scratch."""
+        n_eval = len(self.evaluators)
+        return {
+            "compositions": len(self.compositions),
+            "intervention_runs": len(self.step_nodes),
+            "intervention_runs_naive": sum(len(c["steps"]) for c in self.compositions),
+            "evaluations": len(self.evaluated_nodes) * n_eval,
+            "evaluations_naive": len(self.compositions) * n_eval,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec_name": self.spec_name,
+            "evaluators": self.evaluators,
+            "nodes": [n.to_json() for n in self.nodes.values()],
+            "compositions": self.compositions,
+            "sweeps": self.sweeps,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Plan":
+        nodes = {n["id"]: Node(n["id"], n["steps"], n["parent"], n["compositions"]) for n in obj["nodes"]}
+        return cls(obj["spec_name"], nodes, obj["compositions"], obj["evaluators"], obj.get("sweeps", {}))
+
+
+def node_id(steps: list[dict[str, Any]]) -> str:
+    """Short stable id of a step sequence (data-independent; the store key adds data digests)."""
+    return "n" + digest_of(steps)[:12] if steps else "base"
+
+
+def describe_step(step: dict[str, Any], swept: str | None = None) -> str:
+    """``wanda(sparsity=0.25)`` -- the swept parameter only, to keep labels short."""
+    if swept and swept in step["params"]:
+        return f"{step['method']}({swept}={step['params'][swept]})"
+    return step["method"]
+
+
+def build_plan(spec: ExperimentSpec) -> Plan:
+    """Expand ``spec`` into compositions and fold them into a prefix tree."""
+    compositions: list[dict[str, Any]] = []
+    if spec.compositions.include_base:
+        compositions.append({"names": [], "steps": [], "sweep": None})
+    for order in spec.orders():
+        entries = [spec.intervention(name) for name in order]
+        for combo in itertools.product(*(e.steps() for e in entries)):
+            steps = list(combo)
+            swept = [(e, s) for e, s in zip(entries, steps) if e.swept_param and len(e.sweep[e.swept_param]) > 1]
+            sweep = None
+            if swept:
+                # the integration axis: the last swept intervention in spec order
+                entry, step = max(swept, key=lambda es: spec.interventions.index(es[0]))
+                sweep = {"method": entry.method, "name": entry.name, "param": entry.swept_param,
+                         "value": step["params"][entry.swept_param]}
+            compositions.append({"names": list(order), "steps": steps, "sweep": sweep})
+
+    sweeps = {i.method: i.swept_param for i in spec.interventions if i.swept_param}
+    nodes: dict[str, Node] = {}
+    seen_compositions: set[str] = set()
+    unique: list[dict[str, Any]] = []
+    for comp in compositions:
+        key = canonical_json(comp["steps"])
+        if key in seen_compositions:  # e.g. a one-value sweep duplicated by two orders
+            continue
+        seen_compositions.add(key)
+        unique.append(comp)
+        parent = None
+        for depth in range(len(comp["steps"]) + 1):
+            prefix = comp["steps"][:depth]
+            nid = node_id(prefix)
+            if nid not in nodes:
+                nodes[nid] = Node(nid, prefix, parent)
+            parent = nid
+        comp["node"] = parent
+        comp["label"] = " > ".join(describe_step(s, sweeps.get(s["method"])) for s in comp["steps"]) or "base"
+        nodes[parent].compositions.append({k: comp[k] for k in ("names", "sweep", "label")})
+    # parents before children, base first, then by depth (stable within a depth)
+    ordered = dict(sorted(nodes.items(), key=lambda kv: kv[1].depth))
+    return Plan(spec.name, ordered, unique, list(spec.evaluation.evaluators), sweeps)
+
+
+def format_plan(plan: Plan, done: set[str] | None = None) -> str:
+    """Human-readable plan: the tree and the counts next to the naive count."""
+    lines = [f"plan for experiment {plan.spec_name!r}"]
+    children: dict[str | None, list[Node]] = {}
+    for node in plan.nodes.values():
+        children.setdefault(node.parent, []).append(node)
+
+    def walk(node: Node, indent: str) -> None:
+        label = "base model" if not node.steps else describe_step(node.steps[-1], plan.sweeps.get(node.steps[-1]["method"]))
+        marks = " [evaluated]" if node.compositions else ""
+        if done is not None and node.id in done:
+            marks += " [done]"
+        lines.append(f"{indent}{label}  ({node.id}){marks}")
+        for child in children.get(node.id, []):
+            walk(child, indent + "  ")
+
+    for root in children.get(None, []):
+        walk(root, "  ")
+    c = plan.counts()
+    saved = lambda a, b: f"{(1 - a / b) * 100:.0f}% saved" if b else "n/a"  # noqa: E731
+    lines += [
+        "",
+        f"compositions:       {c['compositions']}",
+        f"intervention runs:  {c['intervention_runs']} (naive, each composition from scratch: "
+        f"{c['intervention_runs_naive']}; {saved(c['intervention_runs'], c['intervention_runs_naive'])})",
+        f"evaluations:        {c['evaluations']} (naive: {c['evaluations_naive']}; "
+        f"{saved(c['evaluations'], c['evaluations_naive'])}) with evaluators {', '.join(plan.evaluators)}",
+    ]
+    return "\n".join(lines)
+

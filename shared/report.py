@@ -1,0 +1,534 @@
+"""The composability report: CSV tables, plots and a Markdown summary of a results table.
+
+Pure library code (pandas + matplotlib with the Agg backend, no KFP, no
+torch): the aggregator component calls :func:`build_report` on the collected
+results, and the CLI prints :func:`console_table` for a quick look in a
+terminal.  Every input the pipeline can legitimately produce -- only the base
+model and single interventions, NaN criteria, a composition whose opposite
+order failed -- yields a report with a note instead of an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: components and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from shared.criteria import COMPOSABILITY_CRITERIA, CRITERIA  # noqa: E402
+from shared.metrics import (  # noqa: E402
+    BASE_COLUMNS,
+    REQUIRED_COLUMNS,
+    WINS_COLUMN,
+    canonical_params,
+    category_groups,
+    integrated_table,
+    normalize_results,
+    pair_table,
+    params_dict,
+    wins_table,
+)
+
+DEFAULT_TITLE = "lm-compose composability report"
+
+#: columns of the "all evaluated models" table (compression measurements and perplexity)
+MEASUREMENT_COLUMNS: tuple[str, ...] = ("perplexity", "sparsity", "avg_bits")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def validate_results(results: pd.DataFrame, source: str = "results table") -> None:
+    """Raise ValueError naming every missing column (schema: docs/results-schema.md).
+
+    Step columns are required up to the longest composition (``max(n_steps)``),
+    since pairing reads them; a table with only the base model needs none.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
+    if "n_steps" in results.columns and len(results):
+        n_max = int(pd.to_numeric(results["n_steps"], errors="coerce").fillna(0).max())
+        for k in range(1, n_max + 1):
+            missing += [c for c in (f"step{k}_method", f"step{k}_params") if c not in results.columns]
+    if missing:
+        raise ValueError(
+            f"{source} is missing required column(s): {', '.join(missing)} (see docs/results-schema.md)"
+        )
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """Read a results table from CSV or Parquet (chosen by suffix) and validate its columns.
+
+    String columns are read as strings (a hex model key like ``1e5`` must not
+    become a float) and empty cells become ``""`` as in the schema.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        df = pd.read_csv(path, dtype=_string_dtypes(path))
+    elif suffix in (".parquet", ".pq"):
+        df = pd.read_parquet(path)
+    else:
+        raise ValueError(f"{path}: unsupported results format {suffix!r}; use .csv or .parquet")
+    validate_results(df, str(path))
+    return normalize_results(df)
+
+
+def _string_dtypes(path: Path) -> dict[str, type]:
+    header = pd.read_csv(path, nrows=0).columns
+    str_cols = {"model_key", "composition", "methods", "sweep_method", "sweep_param"}
+    return {
+        c: str
+        for c in header
+        if c in str_cols or re.fullmatch(r"step\d+_(method|params)", c)
+    }
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(value)
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(f):
+        return "n/a"
+    if abs(f) >= 1000:
+        return f"{f:.1f}"
+    return f"{f:.{digits}f}"
+
+
+def _fmt_sweep(value: Any) -> str:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "n/a" if math.isnan(f) else f"{f:g}"
+
+
+def markdown_table(df: pd.DataFrame, formats: Mapping[str, Any] | None = None) -> str:
+    """A GitHub-flavoured Markdown table (no tabulate dependency); floats with 3 decimals."""
+    formats = dict(formats or {})
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(_md_escape(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = []
+        for c, v in zip(cols, row.tolist()):
+            fmt = formats.get(c, _fmt)
+            cells.append(_md_escape(fmt(v) if not isinstance(v, str) else v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "x"
+
+
+def _order_label(a: str, b: str) -> str:
+    return f"{a} > {b}"
+
+
+# --------------------------------------------------------------------------- console
+
+
+def console_table(
+    results: pd.DataFrame,
+    categories: Mapping[str, Any] | None = None,
+    criteria: Sequence[str] = COMPOSABILITY_CRITERIA,
+) -> str:
+    """Compact plain-text composability table for a terminal.
+
+    One line per (pair, setting, sweep value, criterion): both orders' raw
+    values, order-free error and order sensitivity; notes on unpaired rows
+    follow the table.
+    """
+    pairs = pair_table(results, categories, criteria)
+    notes = pairs.attrs.get("notes", [])
+    if pairs.empty:
+        text = f"no opposite-order pairs among the {len(results)} evaluated model(s); nothing to compose"
+    else:
+        multi = pairs.groupby("pair")["setting_key"].nunique().max() > 1
+        view = pd.DataFrame({
+            "pair": pairs["pair"],
+            **({"setting": pairs["setting"]} if multi else {}),
+            "sweep": [f"{p}={_fmt_sweep(v)}" if p else "-" for p, v in zip(pairs["sweep_param"], pairs["sweep_value"])],
+            "criterion": pairs["criterion"],
+            "first>second": pairs["kappa_first_then_second"].map(_fmt),
+            "second>first": pairs["kappa_second_then_first"].map(_fmt),
+            "OFE": pairs["order_free_error"].map(_fmt),
+            "OS": pairs["order_sensitivity"].map(_fmt),
+        })
+        text = view.to_string(index=False)
+    if notes:
+        text += "\n" + "\n".join(f"note: {n}" for n in notes)
+    return text
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _single_step_values(
+    results: pd.DataFrame, method: str, params: str, criterion: str, sweep_method: str, sweep_param: str
+) -> pd.DataFrame:
+    """Rows of ``method`` applied alone with the same params (swept one excepted): sweep_value, value."""
+    single = results[(results["n_steps"] == 1) & (results.get("step1_method", "") == method)]
+    if single.empty:
+        return pd.DataFrame(columns=["sweep_value", "value"])
+    want = params_dict(params)
+    swept = sweep_param and method == sweep_method
+    if swept:
+        want.pop(sweep_param, None)
+    keep = []
+    for _, row in single.iterrows():
+        have = params_dict(canonical_params(row["step1_params"]))
+        if swept:
+            have.pop(sweep_param, None)
+        if have == want:
+            keep.append((row["sweep_value"], row[criterion]))
+    return pd.DataFrame(keep, columns=["sweep_value", "value"]).dropna(subset=["value"])
+
+
+def plot_pair(
+    pairs: pd.DataFrame,
+    results: pd.DataFrame,
+    pair: str,
+    setting_key: str,
+    criterion: str,
+    path: Path,
+) -> Path | None:
+    """Plot a criterion against the sweep for both orders, shading the area between them.
+
+    The shaded band is the order sensitivity made visible (the paper's Figures
+    2-3); the base model and each intervention alone, where present, are drawn
+    for reference.  Returns None (no file) when the criterion has no value.
+    """
+    sel = pairs[(pairs["pair"] == pair) & (pairs["setting_key"] == setting_key) & (pairs["criterion"] == criterion)]
+    sel = sel.sort_values("sweep_value", kind="stable")
+    if sel.empty or sel[["kappa_first_then_second", "kappa_second_then_first"]].isna().all().all():
+        return None
+    first, second = sel["first"].iloc[0], sel["second"].iloc[0]
+    sweep_param = sel["sweep_param"].iloc[0]
+    has_x = sel["sweep_value"].notna().all()
+    xs = sel["sweep_value"].astype(float).tolist() if has_x else list(range(len(sel)))
+    y1 = sel["kappa_first_then_second"].astype(float).tolist()
+    y2 = sel["kappa_second_then_first"].astype(float).tolist()
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.6), dpi=100)
+    try:
+        ax.plot(xs, y1, marker="o", label=_order_label(first, second))
+        ax.plot(xs, y2, marker="s", label=_order_label(second, first))
+        ax.fill_between(xs, y1, y2, alpha=0.25, color="tab:gray", label="order sensitivity")
+        base = results[results["n_steps"] == 0]
+        if not base.empty and not math.isnan(float(base[criterion].iloc[0])):
+            ax.axhline(float(base[criterion].iloc[0]), color="black", linestyle=":", linewidth=1, label="base model")
+        row = results[results["model_key"] == sel["model_key_first_then_second"].iloc[0]]
+        if not row.empty:
+            r = row.iloc[0]
+            sweep_method = r["sweep_method"]
+            for k, style in ((1, "--"), (2, "-.")):
+                method = r[f"step{k}_method"]
+                alone = _single_step_values(results, method, canonical_params(r[f"step{k}_params"]),
+                                            criterion, sweep_method, sweep_param)
+                if alone.empty:
+                    continue
+                if sweep_param and method == sweep_method and has_x and alone["sweep_value"].notna().all():
+                    alone = alone.sort_values("sweep_value")
+                    ax.plot(alone["sweep_value"], alone["value"], linestyle=style, color="tab:green",
+                            linewidth=1, label=f"{method} alone")
+                else:
+                    ax.axhline(float(alone["value"].iloc[0]), linestyle=style, color="tab:red",
+                               linewidth=1, label=f"{method} alone")
+        crit = CRITERIA[criterion]
+        ax.set_xlabel(sweep_param if (sweep_param and has_x) else "(no sweep)")
+        ax.set_ylabel(f"{crit.label} ({'higher' if crit.higher_is_better else 'lower'} is better)", fontsize=8)
+        setting = sel["setting"].iloc[0]
+        ax.set_title(f"{pair}" + ("" if setting == "default" else f" [{setting}]"), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- wins
+
+
+def _summary_slice(pairs: pd.DataFrame, summary_at: Mapping[str, float] | None) -> tuple[pd.DataFrame, str]:
+    """One sweep value per (pair, setting) for per-setting wins, as in the paper's summary tables.
+
+    ``summary_at`` maps a sweep parameter to the value to compare at (the paper
+    uses sparsity 0.25 and 4 bits); without it only pairs evaluated at a
+    single sweep value take part, since picking one silently would be arbitrary.
+    """
+    parts = []
+    used: set[str] = set()
+    for (_p, _s), grp in pairs.groupby(["pair", "setting_key"], sort=False, dropna=False):
+        param = grp["sweep_param"].iloc[0]
+        values = grp["sweep_value"].dropna().unique()
+        if summary_at and param in summary_at:
+            pick = grp[(grp["sweep_value"] - float(summary_at[param])).abs() < 1e-9]
+            if pick.empty:
+                continue
+            used.add(f"{param}={_fmt_sweep(summary_at[param])}")
+        elif len(values) <= 1 and len(grp.drop_duplicates(["criterion"])) == len(grp):
+            pick = grp
+            if len(values):
+                used.add(f"{param}={_fmt_sweep(values[0])}")
+        else:
+            continue
+        parts.append(pick)
+    if not parts:
+        return pairs.iloc[0:0], ""
+    return pd.concat(parts), ", ".join(sorted(used))
+
+
+def _wins_tables(
+    pairs: pd.DataFrame,
+    integrated: pd.DataFrame,
+    categories: Mapping[str, Any] | None,
+    summary_at: Mapping[str, float] | None,
+    notes: list[str],
+) -> list[tuple[str, str, pd.DataFrame]]:
+    """(group, basis, table) for every category with at least two methods in the pairs."""
+    if pairs.empty:
+        return []
+    if not categories:
+        notes.append("wins not counted: pass a method -> category mapping to form the groups")
+        return []
+    methods = set(pairs["first"]) | set(pairs["second"])
+    out: list[tuple[str, str, pd.DataFrame]] = []
+    per_setting, at = _summary_slice(pairs, summary_at)
+    for cat, group in category_groups(methods, categories).items():
+        if len(group) < 2:
+            continue
+        bases: list[tuple[str, pd.DataFrame]] = []
+        if integrated["integrated_order_free_error"].notna().any() or integrated["integrated_order_sensitivity"].notna().any():
+            bases.append(("integrated", integrated))
+        if not per_setting.empty:
+            bases.append((f"per setting ({at})" if at else "per setting", per_setting))
+        for basis, table in bases:
+            try:
+                wins = wins_table(table, group)
+            except ValueError as exc:
+                notes.append(f"wins for {cat} ({basis}) not counted: {exc}")
+                continue
+            if len(wins.columns) > 1:
+                out.append((cat, basis, wins))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def build_report(
+    results: pd.DataFrame,
+    out_dir: str | Path,
+    title: str = DEFAULT_TITLE,
+    categories: Mapping[str, Any] | None = None,
+    floor: tuple[str, float] | None = None,
+    summary_at: Mapping[str, float] | None = None,
+) -> dict[str, Path]:
+    """Write the full report of a results table into ``out_dir`` and return the written paths.
+
+    Files: ``results.csv`` (the input), ``composability.csv`` (per setting),
+    ``composability_integrated.csv`` (unrestricted, plus floor-restricted rows
+    when ``floor`` is given), ``wins.csv``, ``plots/*.png`` and ``report.md``,
+    which embeds the plots by relative path so the folder can be moved or
+    served as a KFP Markdown artifact.  Keys of the returned dict: ``results``,
+    ``composability``, ``composability_integrated``, ``wins``, ``report``,
+    ``plots_dir`` and ``plots/<file>`` for each plot.
+    """
+    validate_results(results)
+    results = normalize_results(results)
+    out_dir = Path(out_dir)
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {"plots_dir": plots_dir}
+
+    pairs = pair_table(results, categories)
+    notes: list[str] = list(pairs.attrs.get("notes", []))
+    integrated = integrated_table(pairs)
+    if floor:
+        restricted = integrated_table(pairs, floor=floor, results=results)
+        integrated_all = pd.concat([integrated, restricted], ignore_index=True)
+        wins_basis = restricted
+    else:
+        integrated_all = integrated
+        wins_basis = integrated
+
+    wins = _wins_tables(pairs, wins_basis, categories, summary_at, notes)
+
+    written["results"] = out_dir / "results.csv"
+    results.to_csv(written["results"], index=False)
+    written["composability"] = out_dir / "composability.csv"
+    pairs.to_csv(written["composability"], index=False)
+    written["composability_integrated"] = out_dir / "composability_integrated.csv"
+    integrated_all.to_csv(written["composability_integrated"], index=False)
+    written["wins"] = out_dir / "wins.csv"
+    if wins:
+        frames = [w.reset_index().assign(group=g, basis=b) for g, b, w in wins]
+        wins_csv = pd.concat(frames, ignore_index=True)
+        lead = ["group", "basis", "method", WINS_COLUMN]
+        wins_csv = wins_csv[lead + [c for c in wins_csv.columns if c not in lead]]
+    else:
+        wins_csv = pd.DataFrame(columns=["group", "basis", "method", WINS_COLUMN])
+    wins_csv.to_csv(written["wins"], index=False)
+
+    plots: dict[tuple[str, str, str], Path] = {}
+    if not pairs.empty:
+        for pair, grp in pairs.groupby("pair", sort=False):
+            setting_keys = list(dict.fromkeys(grp["setting_key"]))
+            for i, skey in enumerate(setting_keys):
+                suffix = f"__s{i + 1}" if len(setting_keys) > 1 else ""
+                for crit in dict.fromkeys(grp[grp["setting_key"] == skey]["criterion"]):
+                    name = f"{_slug(pair)}{suffix}__{crit}.png"
+                    path = plot_pair(pairs, results, pair, skey, crit, plots_dir / name)
+                    if path is not None:
+                        plots[(pair, skey, crit)] = path
+                        written[f"plots/{name}"] = path
+
+    md = _markdown(title, results, pairs, integrated_all, wins, plots, notes, floor, out_dir)
+    written["report"] = out_dir / "report.md"
+    written["report"].write_text(md, encoding="utf-8")
+    return written
+
+
+def _markdown(
+    title: str,
+    results: pd.DataFrame,
+    pairs: pd.DataFrame,
+    integrated: pd.DataFrame,
+    wins: list[tuple[str, str, pd.DataFrame]],
+    plots: dict[tuple[str, str, str], Path],
+    notes: list[str],
+    floor: tuple[str, float] | None,
+    out_dir: Path,
+) -> str:
+    n_base = int((results["n_steps"] == 0).sum())
+    n_single = int((results["n_steps"] == 1).sum())
+    n_comp = int((results["n_steps"] >= 2).sum())
+    n_pairs = pairs["pair"].nunique() if not pairs.empty else 0
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(results)} evaluated model(s): {n_base} base, {n_single} single intervention(s), "
+        f"{n_comp} composition(s); {n_pairs} opposite-order pair(s).",
+        "",
+        "Order-free error (OFE) = 1 - max over the two orders of the criterion mapped to higher-is-better; "
+        "order sensitivity (OS) = |difference between the orders|. Lower is better for both. "
+        "Integrated values are areas over the sweep axis normalized to [0, 1].",
+        "",
+    ]
+    if notes:
+        lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
+
+    # single interventions
+    lines += ["## Base model and single interventions", ""]
+    single = results[results["n_steps"] <= 1].sort_values(["n_steps", "methods", "sweep_value"], kind="stable")
+    if single.empty:
+        lines += ["_No base-model or single-intervention rows._", ""]
+    else:
+        view = single[["composition", *CRITERIA]].copy()
+        view["composition"] = [c if c else "(base model)" for c in view["composition"]]
+        lines += [markdown_table(view), ""]
+
+    # per setting
+    lines += ["## Composability per setting", ""]
+    if pairs.empty:
+        lines += ["_No opposite-order pairs in the results: composability metrics need both orders "
+                  "of a two-step composition._", ""]
+    else:
+        for (pair, skey), grp in pairs.groupby(["pair", "setting_key"], sort=False):
+            first, second = grp["first"].iloc[0], grp["second"].iloc[0]
+            setting = grp["setting"].iloc[0]
+            lines += [f"### {pair}" + ("" if setting == "default" else f" ({setting})"), ""]
+            param = grp["sweep_param"].iloc[0] or "sweep"
+            view = pd.DataFrame({
+                param: grp["sweep_value"].map(_fmt_sweep),
+                "criterion": grp["criterion"],
+                _order_label(first, second): grp["kappa_first_then_second"],
+                _order_label(second, first): grp["kappa_second_then_first"],
+                "OFE": grp["order_free_error"],
+                "OS": grp["order_sensitivity"],
+            })
+            lines += [markdown_table(view), ""]
+
+    # integrated
+    lines += ["## Integrated composability (sweep)", ""]
+    if integrated.empty:
+        lines += ["_No pairs to integrate._", ""]
+    else:
+        if integrated["integrated_order_free_error"].isna().all():
+            lines += ["_Every sweep has fewer than two points: integrated values are not defined (n/a)._", ""]
+        view = pd.DataFrame({
+            "pair": integrated["pair"],
+            "setting": integrated["setting"],
+            "criterion": integrated["criterion"],
+            "floor": [f or "-" for f in integrated["floor"]],
+            "OFE (integrated)": integrated["integrated_order_free_error"],
+            "OS (integrated)": integrated["integrated_order_sensitivity"],
+            "points": [f"{a}/{b}" for a, b in zip(integrated["n_points"], integrated["n_points_total"])],
+        })
+        lines += [markdown_table(view), ""]
+        if floor:
+            lines += [f"Rows with floor `{floor[0]}>={floor[1]:g}` keep only sweep settings where that criterion "
+                      "stays at or above the floor in both orders, on the original normalized axis.", ""]
+
+    # wins
+    lines += ["## # Wins", ""]
+    if not wins:
+        lines += ["_No wins table: it needs at least two methods of one category paired with the same opponents"
+                  " (and a category mapping)._", ""]
+    else:
+        lines += ["Per column the strictly lowest value wins; ties and n/a award no win.", ""]
+        for group, basis, table in wins:
+            lines += [f"### {group} ({basis})", "", markdown_table(table.reset_index(), {WINS_COLUMN: str}), ""]
+
+    # plots
+    lines += ["## Plots", ""]
+    if not plots:
+        lines += ["_No plots (no pairs with values)._", ""]
+    else:
+        for (pair, _skey, crit), path in plots.items():
+            rel = path.relative_to(out_dir).as_posix()
+            lines += [f"![{pair} {crit}]({rel})", ""]
+
+    # measurements of every row
+    lines += ["## All evaluated models", ""]
+    view = results[["composition", "n_steps", *MEASUREMENT_COLUMNS]].copy()
+    view["composition"] = [c if c else "(base model)" for c in view["composition"]]
+    view["n_steps"] = view["n_steps"].astype(int).astype(str)
+    lines += [markdown_table(view, {"perplexity": lambda v: _fmt(v, 2), "avg_bits": lambda v: _fmt(v, 2)}), ""]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BASE_COLUMNS",
+    "DEFAULT_TITLE",
+    "MEASUREMENT_COLUMNS",
+    "build_report",
+    "console_table",
+    "load_results",
+    "markdown_table",
+    "plot_pair",
+    "validate_results",
+]

@@ -1,0 +1,250 @@
+"""Experiment specs: the YAML a user writes, validated before anything runs.
+
+Example (``pipelines/experiments/demo.yaml``)::
+
+    name: demo
+    model: builtin:smollm2-135m
+    interventions:
+      - method: ft
+      - method: wanda
+        sweep: {sparsity: [0.25, 0.5]}
+    compositions: {mode: permutations}
+    evaluation: {evaluators: [edit, utility, forget, perplexity, compression]}
+    data: {num_edits: 10}
+
+Every problem is reported as one :class:`SpecError` whose message names the
+field (``interventions[1].sweep.sparsity[0]``) and, where there is a fixed
+set, the allowed values.  Validation includes reading the data files, so a
+missing or malformed file fails here, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.data import DataConfig, DataError
+from shared.interventions import available, get_intervention
+from shared.models import ModelSourceError, parse_source
+
+#: evaluators a spec may name (kept in sync with shared.evaluation's registry by a test)
+EVALUATORS: tuple[str, ...] = ("edit", "utility", "forget", "perplexity", "compression")
+
+
+class SpecError(ValueError):
+    """An invalid experiment spec; the message names the offending field."""
+
+
+class InterventionSpec(BaseModel):
+    """One intervention of the experiment: fixed parameters and an optional sweep."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    label: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        names = list(available())
+        if v not in names:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(names)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_sweep_and_params(self) -> "InterventionSpec":
+        method = get_intervention(self.method)
+        fields = method.params_model.model_fields
+        if len(self.sweep) > 1:
+            raise ValueError(f"sweep: at most one parameter may be swept per intervention, got {list(self.sweep)}")
+        for name, values in self.sweep.items():
+            if name not in fields:
+                raise ValueError(f"sweep.{name}: {self.method} has no parameter {name!r}; parameters: {', '.join(fields)}")
+            if name in self.params:
+                raise ValueError(f"sweep.{name}: also fixed in params; a parameter is either fixed or swept")
+            if not values:
+                raise ValueError(f"sweep.{name}: needs at least one value")
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"sweep.{name}: values must be distinct, got {values}")
+        # validate every concrete setting, so a bad sweep value fails now
+        for i, setting in enumerate(self.settings_raw()):
+            try:
+                method.parse_params(setting)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(p) for p in err["loc"])
+                where = f"sweep.{loc}[{self.sweep[loc].index(setting[loc])}]" if loc in self.sweep else f"params.{loc}"
+                raise ValueError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+        return self
+
+    def settings_raw(self) -> list[dict[str, Any]]:
+        """Raw parameter dicts: ``params`` combined with each sweep value."""
+        if not self.sweep:
+            return [dict(self.params)]
+        (name, values), = self.sweep.items()
+        return [{**self.params, name: v} for v in values]
+
+    def steps(self) -> list[dict[str, Any]]:
+        """Canonical steps (method + full parameters with defaults), one per sweep value."""
+        method = get_intervention(self.method)
+        return [
+            {"method": self.method, "params": method.parse_params(raw).model_dump(mode="json")}
+            for raw in self.settings_raw()
+        ]
+
+    @property
+    def swept_param(self) -> str | None:
+        return next(iter(self.sweep), None)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+
+class CompositionSpec(BaseModel):
+    """Which orders to run.
+
+    * ``permutations``: every order of all listed interventions (2 interventions
+      -> both orders; 3 -> 6 orders).
+    * ``cross``: every ordered pair (i, j) with i and j from different ``groups``
+      (the paper's editor x compressor studies), both orders.
+    Each intervention alone and the base model are always included unless
+    switched off.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["permutations", "cross"] = "permutations"
+    groups: list[list[str]] = Field(default_factory=list)
+    include_singles: bool = True
+    include_base: bool = True
+
+
+class EvaluationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    evaluators: list[str] = Field(default_factory=lambda: list(EVALUATORS))
+    batch_size: int = Field(16, ge=1, le=512)
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N questions of each MCQ set")
+    max_length: int = Field(256, ge=16, le=8192, description="perplexity window in tokens")
+
+    @field_validator("evaluators")
+    @classmethod
+    def _known_evaluators(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in EVALUATORS:
+                raise ValueError(f"unknown evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("evaluators must not repeat")
+        return v
+
+
+class ExperimentSpec(BaseModel):
+    """A whole experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length=60)
+    description: str = ""
+    model: str = "builtin:smollm2-135m"
+    trust_remote_code: bool = False
+    interventions: list[InterventionSpec] = Field(min_length=1)
+    compositions: CompositionSpec = Field(default_factory=CompositionSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    data: DataConfig = Field(default_factory=DataConfig)
+    store: str | None = Field(None, description="store URI; the CLI's --store overrides it")
+
+    @field_validator("model")
+    @classmethod
+    def _model_source(cls, v: str) -> str:
+        try:
+            parse_source(v)
+        except ModelSourceError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _check_compositions(self) -> "ExperimentSpec":
+        names = [i.name for i in self.interventions]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"interventions: names must be unique, got {names}; give repeated methods a distinct 'label'"
+            )
+        comp = self.compositions
+        if comp.mode == "cross":
+            if len(comp.groups) < 2:
+                raise ValueError("compositions.groups: mode 'cross' needs at least two groups")
+            seen: set[str] = set()
+            for gi, group in enumerate(comp.groups):
+                for member in group:
+                    if member not in names:
+                        raise ValueError(f"compositions.groups[{gi}]: {member!r} is not an intervention name; names: {', '.join(names)}")
+                    if member in seen:
+                        raise ValueError(f"compositions.groups[{gi}]: {member!r} is in two groups")
+                    seen.add(member)
+        elif comp.groups:
+            raise ValueError("compositions.groups: only used with mode 'cross'")
+        if comp.mode == "permutations" and len(self.interventions) > 4:
+            raise ValueError(
+                f"compositions.mode: 'permutations' of {len(self.interventions)} interventions gives "
+                f"{len(list(itertools.permutations(names)))} orders; use mode 'cross' with groups"
+            )
+        return self
+
+    def intervention(self, name: str) -> InterventionSpec:
+        return next(i for i in self.interventions if i.name == name)
+
+    def orders(self) -> list[tuple[str, ...]]:
+        """Intervention-name sequences to run (before sweep expansion), singles included."""
+        names = [i.name for i in self.interventions]
+        out: list[tuple[str, ...]] = []
+        if self.compositions.include_singles:
+            out += [(n,) for n in names]
+        if self.compositions.mode == "permutations":
+            if len(names) > 1:
+                out += list(itertools.permutations(names))
+        else:
+            groups = self.compositions.groups
+            for ga, gb in itertools.permutations(range(len(groups)), 2):
+                out += [(a, b) for a in groups[ga] for b in groups[gb]]
+        return out
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ""
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = err["msg"].removeprefix("Value error, ")
+    extra = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"{loc or 'spec'}: {msg}{extra}"
+
+
+def parse_spec(raw: dict[str, Any], check_data: bool = True) -> ExperimentSpec:
+    """Validate a spec dict; raise :class:`SpecError` naming the field."""
+    if not isinstance(raw, dict):
+        raise SpecError("spec: the top level must be a mapping")
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc)) from None
+    if check_data:
+        try:
+            spec.data.check_files()
+        except DataError as exc:
+            raise SpecError(f"data: {exc}") from None
+    return spec
+
+
+def load_spec(path: Path | str, check_data: bool = True) -> ExperimentSpec:
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return parse_spec(raw, check_data=check_data)

@@ -1,0 +1,247 @@
+"""Content-addressed checkpoint and result store.
+
+Layout under a store root (a local folder now; an S3 bucket/prefix later,
+with the same keys)::
+
+    ckpt/<key>/            one checkpoint: safetensors shards, config, tokenizer
+    ckpt/<key>/manifest.json   written LAST: every file's size and sha256 + metadata
+    results/<key>.json     one evaluation result
+    alias/<name>.json      small pointers (e.g. built-in model -> its content key)
+
+Why content addressing: the key of a checkpoint derives from the base model's
+content digest and the canonical list of steps applied to it (method,
+parameters and digests of the data each step read).  Identical work therefore
+maps to the identical key, so a re-run finds completed steps instead of
+recomputing them, and two writers of one key produce identical bytes.
+
+Why a manifest written last: it is the commit marker.  A reader verifies it
+(sizes and digests) before trusting a checkpoint, so a half-written or
+corrupted checkpoint is never used; a failed write leaves only a staging
+folder that no reader looks at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "lm-compose-checkpoint/1"
+
+
+class StoreError(RuntimeError):
+    """Base class of store errors."""
+
+
+class CheckpointNotFound(StoreError):
+    """No committed checkpoint under this key."""
+
+
+class CorruptCheckpoint(StoreError):
+    """A checkpoint whose files do not match its manifest (names the file)."""
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no whitespace) -- the input of every key."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest_of(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def checkpoint_key(base_digest: str, steps: list[dict[str, Any]]) -> str:
+    """Key of the model obtained by applying ``steps`` (keyed form) to the base model."""
+    return "ckpt/" + digest_of({"base": base_digest, "steps": steps})[:40]
+
+
+def result_key(model_key: str, evaluator: str, config: dict[str, Any]) -> str:
+    """Key of one evaluation of one model."""
+    return "results/" + digest_of({"model": model_key, "evaluator": evaluator, "config": config})[:40] + ".json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_manifest(folder: Path, key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Describe every file of a checkpoint folder (except the manifest itself)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    if not files:
+        raise StoreError(f"refusing to write an empty checkpoint for {key}")
+    return {"format": MANIFEST_FORMAT, "key": key, "created": time.time(), "files": files, "meta": meta}
+
+
+def verify_folder(folder: Path, manifest: dict[str, Any], key: str) -> None:
+    """Check every file listed in ``manifest`` against ``folder``; name the first bad file."""
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("key") != key:
+        raise CorruptCheckpoint(f"{key}: manifest has wrong format or key")
+    for rel, info in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{key}: file {rel} listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != info["size"]:
+            raise CorruptCheckpoint(f"{key}: file {rel} has {size} bytes, manifest says {info['size']}")
+        if sha256_file(path) != info["sha256"]:
+            raise CorruptCheckpoint(f"{key}: file {rel} does not match its sha256 in the manifest")
+
+
+class Store(ABC):
+    """Interface shared by every backend (local folder now, S3 later)."""
+
+    uri: str
+
+    @abstractmethod
+    def has_checkpoint(self, key: str) -> bool:
+        """True if a committed (manifest present) checkpoint exists under ``key``."""
+
+    @abstractmethod
+    def put_checkpoint(self, key: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """Store the files of ``folder`` under ``key``; manifest last. Returns the manifest."""
+
+    @abstractmethod
+    def get_checkpoint(self, key: str) -> tuple[Path, dict[str, Any]]:
+        """A verified local folder holding the checkpoint, and its manifest."""
+
+    @abstractmethod
+    def checkpoint_meta(self, key: str) -> dict[str, Any]:
+        """The ``meta`` of a committed checkpoint's manifest (no file verification)."""
+
+    @abstractmethod
+    def put_json(self, key: str, obj: Any) -> None:
+        """Atomically store a small JSON document."""
+
+    @abstractmethod
+    def get_json(self, key: str) -> Any:
+        """Read a JSON document (KeyError if absent)."""
+
+    @abstractmethod
+    def has_json(self, key: str) -> bool: ...
+
+
+class LocalStore(Store):
+    """A store in a local folder.
+
+    Writes go to ``<root>/.staging/<uuid>/`` and are renamed into place, so a
+    concurrent writer of the same key either finds a committed checkpoint and
+    drops its own copy, or replaces an uncommitted leftover.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in Path(key).parts:
+            raise StoreError(f"invalid store key {key!r}")
+        return self.root / key
+
+    def staging_dir(self) -> Path:
+        """A fresh private folder on the same filesystem (for atomic renames)."""
+        path = self.root / ".staging" / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def _read_manifest(self, key: str) -> dict[str, Any]:
+        path = self._path(key) / MANIFEST
+        if not path.is_file():
+            raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CorruptCheckpoint(f"{key}: manifest is not valid JSON ({exc})") from exc
+
+    def has_checkpoint(self, key: str) -> bool:
+        try:
+            self._read_manifest(key)
+            return True
+        except StoreError:
+            return False
+
+    def put_checkpoint(self, key: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        folder = Path(folder)
+        final = self._path(key)
+        if self.has_checkpoint(key):  # someone else already committed identical content
+            return self._read_manifest(key)
+        manifest = build_manifest(folder, key, meta)
+        staging = self.staging_dir()
+        try:
+            for rel in manifest["files"]:
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / rel, dest)
+            verify_folder(staging, manifest, key)  # what we copied is what we hashed
+            tmp = staging / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, staging / MANIFEST)  # commit marker inside staging
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists() and not self.has_checkpoint(key):
+                # an uncommitted leftover of a killed writer: move it aside, then replace
+                trash = self.root / ".staging" / f"trash-{uuid.uuid4().hex}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not self.has_checkpoint(key):
+                    raise
+                # lost the race to a writer of identical content: keep theirs
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return manifest
+
+    def get_checkpoint(self, key: str) -> tuple[Path, dict[str, Any]]:
+        manifest = self._read_manifest(key)
+        folder = self._path(key)
+        verify_folder(folder, manifest, key)
+        return folder, manifest
+
+    def checkpoint_meta(self, key: str) -> dict[str, Any]:
+        return self._read_manifest(key)["meta"]
+
+    def put_json(self, key: str, obj: Any) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def get_json(self, key: str) -> Any:
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyError(f"{key} not in {self.uri}")
+        return json.loads(path.read_text())
+
+    def has_json(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+
+def open_store(uri: str) -> Store:
+    """Open a store from a URI: a local path, ``file://...``; ``s3://`` arrives with the S3 backend."""
+    if not uri:
+        raise StoreError("no store URI given")
+    if uri.startswith("s3://"):
+        raise StoreError("the S3 store backend is not available yet; use a local folder")
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return LocalStore(unquote(urlparse(uri).path))
+    if "://" in uri:
+        raise StoreError(f"unsupported store URI scheme in {uri!r}; use a local path or file://")
+    return LocalStore(uri)
