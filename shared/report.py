@@ -272,7 +272,7 @@ def plot_pair(
 # --------------------------------------------------------------------------- wins
 
 
-def _summary_slice(pairs: pd.DataFrame, summary_at: Mapping[str, float] | None) -> tuple[pd.DataFrame, str]:
+def _summary_slice(pairs: pd.DataFrame, summary_at: Mapping[str, float] | None) -> pd.DataFrame:
     """One sweep value per (pair, setting) for per-setting wins, as in the paper's summary tables.
 
     ``summary_at`` maps a sweep parameter to the value to compare at (the paper
@@ -280,25 +280,27 @@ def _summary_slice(pairs: pd.DataFrame, summary_at: Mapping[str, float] | None) 
     single sweep value take part, since picking one silently would be arbitrary.
     """
     parts = []
-    used: set[str] = set()
     for (_p, _s), grp in pairs.groupby(["pair", "setting_key"], sort=False, dropna=False):
         param = grp["sweep_param"].iloc[0]
-        values = grp["sweep_value"].dropna().unique()
         if summary_at and param in summary_at:
             pick = grp[(grp["sweep_value"] - float(summary_at[param])).abs() < 1e-9]
-            if pick.empty:
-                continue
-            used.add(f"{param}={_fmt_sweep(summary_at[param])}")
-        elif len(values) <= 1 and len(grp.drop_duplicates(["criterion"])) == len(grp):
+        elif grp["sweep_value"].dropna().nunique() <= 1 and not grp["criterion"].duplicated().any():
             pick = grp
-            if len(values):
-                used.add(f"{param}={_fmt_sweep(values[0])}")
         else:
             continue
-        parts.append(pick)
-    if not parts:
-        return pairs.iloc[0:0], ""
-    return pd.concat(parts), ", ".join(sorted(used))
+        if not pick.empty:
+            parts.append(pick)
+    return pd.concat(parts) if parts else pairs.iloc[0:0]
+
+
+def _sweep_label(table: pd.DataFrame) -> str:
+    """``sparsity=0.25, bits=4``: the sweep values a per-setting wins table compares at."""
+    used = {
+        f"{p}={_fmt_sweep(v)}"
+        for p, v in zip(table["sweep_param"], table["sweep_value"])
+        if p and not (isinstance(v, float) and math.isnan(v))
+    }
+    return ", ".join(sorted(used))
 
 
 def _wins_tables(
@@ -316,15 +318,17 @@ def _wins_tables(
         return []
     methods = set(pairs["first"]) | set(pairs["second"])
     out: list[tuple[str, str, pd.DataFrame]] = []
-    per_setting, at = _summary_slice(pairs, summary_at)
+    per_setting = _summary_slice(pairs, summary_at)
     for cat, group in category_groups(methods, categories).items():
         if len(group) < 2:
             continue
         bases: list[tuple[str, pd.DataFrame]] = []
         if integrated["integrated_order_free_error"].notna().any() or integrated["integrated_order_sensitivity"].notna().any():
             bases.append(("integrated", integrated))
-        if not per_setting.empty:
-            bases.append((f"per setting ({at})" if at else "per setting", per_setting))
+        involved = per_setting[per_setting["first"].isin(group) ^ per_setting["second"].isin(group)]
+        if not involved.empty:
+            at = _sweep_label(involved)
+            bases.append((f"per setting ({at})" if at else "per setting", involved))
         for basis, table in bases:
             try:
                 wins = wins_table(table, group)

@@ -1,0 +1,134 @@
+"""Evaluators: each maps a model (in memory) and the experiment's data to criteria.
+
+An evaluator is a callable ``(model, tokenizer, data, options) -> {criterion: value}``
+registered under a name; the criteria it returns are those of
+:mod:`shared.criteria` whose ``evaluator`` field is that name.  Adding an
+evaluator means adding one entry to :data:`EVALUATORS` (or calling
+:func:`register_evaluator`) -- callers look evaluators up by name and never
+branch on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.data import ExperimentData
+from shared.evaluation.compression import measure_compression
+from shared.evaluation.edit import edit_prompt, edit_target, encode_edit_example, evaluate_edits, token_f1
+from shared.evaluation.mcq import evaluate_harness_task, evaluate_mcq
+from shared.evaluation.perplexity import perplexity
+
+
+class EvalOptions(BaseModel):
+    """Options shared by the evaluators (each reads the ones it needs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batch_size: int = Field(16, ge=1, description="batch size of generation / scoring")
+    limit: int | None = Field(None, ge=1, description="score only the first N questions (quick runs)")
+    max_length: int = Field(256, ge=2, description="perplexity window length in tokens")
+    compression: dict[str, Any] | None = Field(
+        None, description="the checkpoint's compression record (method, bits, group_size...)"
+    )
+
+
+Evaluator = Callable[[Any, Any, ExperimentData, EvalOptions], dict[str, float]]
+
+
+def _edit(model: Any, tokenizer: Any, data: ExperimentData, options: EvalOptions) -> dict[str, float]:
+    return evaluate_edits(model, tokenizer, data.edits, batch_size=options.batch_size)
+
+
+def _mcq(field: str, criterion: str) -> Evaluator:
+    """An evaluator scoring the 4-choice file of data field ``field`` as ``criterion``."""
+
+    def run(model: Any, tokenizer: Any, data: ExperimentData, options: EvalOptions) -> dict[str, float]:
+        res = evaluate_mcq(
+            model, tokenizer, data.path(field), task_name=f"lmcompose_{field}",
+            batch_size=options.batch_size, limit=options.limit,
+        )
+        return {criterion: res["acc"]}
+
+    run.__name__ = f"evaluate_{field}"
+    run.__doc__ = f"{criterion}: lm-eval accuracy on the {field} file."
+    return run
+
+
+def _perplexity(model: Any, tokenizer: Any, data: ExperimentData, options: EvalOptions) -> dict[str, float]:
+    texts = data.texts("perplexity")
+    return {
+        "perplexity": perplexity(
+            model, tokenizer, texts, max_length=options.max_length, batch_size=options.batch_size
+        )
+    }
+
+
+def _compression(model: Any, tokenizer: Any, data: ExperimentData, options: EvalOptions) -> dict[str, float]:
+    return measure_compression(model, options.compression)
+
+
+#: evaluator name -> callable.  The names match ``Criterion.evaluator`` in shared.criteria.
+EVALUATORS: dict[str, Evaluator] = {
+    "edit": _edit,
+    "utility": _mcq("utility_mcq", "utility_acc"),
+    "forget": _mcq("forget_mcq", "forget_acc"),
+    "perplexity": _perplexity,
+    "compression": _compression,
+}
+
+
+def register_evaluator(name: str, fn: Evaluator) -> Evaluator:
+    """Add an evaluator under ``name`` (refuses to silently replace another one)."""
+    if name in EVALUATORS and EVALUATORS[name] is not fn:
+        raise ValueError(f"evaluator {name!r} is already registered")
+    EVALUATORS[name] = fn
+    return fn
+
+
+def available_evaluators() -> list[str]:
+    """Names of the registered evaluators, sorted."""
+    return sorted(EVALUATORS)
+
+
+def get_evaluator(name: str) -> Evaluator:
+    """The evaluator registered as ``name``; a clear error listing the choices otherwise."""
+    try:
+        return EVALUATORS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown evaluator {name!r}; available: {', '.join(available_evaluators())}"
+        ) from None
+
+
+def run_evaluator(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    data: ExperimentData,
+    options: EvalOptions | Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Look up ``name`` and run it, validating ``options`` (a dict is accepted)."""
+    opts = options if isinstance(options, EvalOptions) else EvalOptions.model_validate(dict(options or {}))
+    return get_evaluator(name)(model, tokenizer, data, opts)
+
+
+__all__ = [
+    "EVALUATORS",
+    "EvalOptions",
+    "Evaluator",
+    "available_evaluators",
+    "edit_prompt",
+    "edit_target",
+    "encode_edit_example",
+    "evaluate_edits",
+    "evaluate_harness_task",
+    "evaluate_mcq",
+    "get_evaluator",
+    "measure_compression",
+    "perplexity",
+    "register_evaluator",
+    "run_evaluator",
+    "token_f1",
+]

@@ -28,16 +28,29 @@ import torch
 
 from shared.data import EditRecord
 
-ANSWER_CUE = "Answer:"
+#: A fixed two-shot preamble in the same Question/Answer format.  Zero-shot, the
+#: built-in instruct model answers "Question: ...\nAnswer:" with an end-of-turn
+#: token or a sentence ("The capital ..."), which scores ~0 F1 even on facts it
+#: knows, so locality would be meaningless; with two demonstrations it answers
+#: in the short form (measured on 14 common facts: F1 0.00 -> 0.56).  Editing
+#: methods get the same preamble through :func:`edit_prompt`, so training and
+#: evaluation still see identical text.
+EDIT_PREAMBLE = (
+    "Question: What is the capital of Italy?\nAnswer: Rome\n"
+    "Question: Who discovered penicillin?\nAnswer: Alexander Fleming\n"
+)
 
 
 def edit_prompt(question: str) -> str:
-    """The text the model is given for an edit question (``"{question} Answer:"``).
+    """The text the model is given for an edit question.
 
-    No trailing space: the answer's leading space belongs to the target, which
-    is how BPE tokenizers split ``"... Answer: Paris"`` (``" Paris"`` is one token).
+    ``EDIT_PREAMBLE + "Question: {question}\nAnswer:"`` -- no trailing space:
+    the answer's leading space belongs to the target, which is how BPE
+    tokenizers split ``"Answer: Paris"`` (``" Paris"`` is one token).  The
+    question itself is the last line, so subject lookups (MEMIT) that search
+    for the last occurrence of the subject find it in the question.
     """
-    return f"{question.strip()} {ANSWER_CUE}"
+    return f"{EDIT_PREAMBLE}Question: {question.strip()}\nAnswer:"
 
 
 def edit_target(answer: str) -> str:
