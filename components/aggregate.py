@@ -26,6 +26,6 @@ def aggregate(
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = run(store_uri, base_digest, plan, data, options, tmp)
-        shutil.copyfile(paths["report.md"], report.path)
-        shutil.copyfile(paths["results.csv"], results.path)
+        shutil.copyfile(paths["report"], report.path)
+        shutil.copyfile(paths["results"], results.path)
     return report_key(base_digest, plan, data, options)

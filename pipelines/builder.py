@@ -13,10 +13,9 @@ results under content-addressed keys that the aggregator recomputes from the
 plan it receives as a constant.
 """
 
-from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from kfp import dsl
 
@@ -37,7 +36,7 @@ def pipeline_name(spec: ExperimentSpec) -> str:
     return f"lmcompose-{spec.name}"
 
 
-def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Plan | None = None) -> Callable[..., Any]:
+def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = None) -> Callable[..., Any]:
     """A ``@dsl.pipeline`` function running ``spec`` against the store at ``store_uri``."""
     plan = plan or build_plan(spec)
     data_json = spec.data.model_dump_json()
