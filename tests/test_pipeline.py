@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -39,20 +40,24 @@ def test_compiled_pipeline_parses_with_kfp_protobuf(tmp_path):
     json_format.ParseDict(docs[0], pipeline)  # raises on any field KFP does not know
     plan = build_plan(spec)
     tasks = pipeline.root.dag.tasks
+
+    def comp(task) -> str:  # KFP suffixes repeated uses of a component: comp-wanda-2
+        return re.sub(r"-\d+$", "", task.component_ref.name)
+
     n_steps = len(plan.step_nodes)
     n_evals = len(plan.evaluated_nodes) * len(plan.evaluators)
     assert len(tasks) == 1 + n_steps + n_evals + 1
     # every intervention and evaluator task runs one of our components
-    executors = {t.component_ref.name for t in tasks.values()}
+    executors = {comp(t) for t in tasks.values()}
     assert {"comp-prepare-base", "comp-ft", "comp-wanda", "comp-aggregate",
             "comp-evaluate-compression", "comp-evaluate-perplexity"} <= executors
     # children take their parent's checkpoint key as input (a real data dependency)
-    child = next(t for t in tasks.values() if t.component_ref.name == "comp-wanda" and t.dependent_tasks
-                 and any(tasks[d].component_ref.name == "comp-ft" for d in t.dependent_tasks))
+    child = next(t for t in tasks.values() if comp(t) == "comp-wanda"
+                 and any(comp(tasks[d]) == "comp-ft" for d in t.dependent_tasks))
     assert child.inputs.parameters["parent_key"].task_output_parameter.output_parameter_key == "Output"
     # the aggregator waits for every evaluation
-    agg = next(t for t in tasks.values() if t.component_ref.name == "comp-aggregate")
-    assert sum(1 for d in agg.dependent_tasks if tasks[d].component_ref.name.startswith("comp-evaluate")) == n_evals
+    agg = next(t for t in tasks.values() if comp(t) == "comp-aggregate")
+    assert sum(1 for d in agg.dependent_tasks if comp(tasks[d]).startswith("comp-evaluate")) == n_evals
     assert pipeline.root.input_definitions.parameters["store_uri"].default_value.string_value == "s3://bucket/prefix"
     # no credentials in the compiled YAML
     text = out.read_text().lower()

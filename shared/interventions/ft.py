@@ -3,9 +3,11 @@
 The paper's FT baseline fine-tunes only the MLP down-projections of a small
 range of early-middle layers (layers 4-8 of Llama-3-8B's 32), with Adam, all
 edits of a batch in one batch, and the loss on the target tokens only.  The
-restriction to a few down-projections is what "constrained" means: it is the
-same weight set MEMIT edits, and it keeps the rest of the network -- and so
-most of the model's other knowledge -- untouched.
+restriction to a few down-projections (the weight set MEMIT edits) keeps the
+rest of the network -- and so most of the model's other knowledge -- untouched.
+The L-infinity bound on the weight change of the original constrained
+fine-tuning (Zhu et al., 2020) is available as ``max_weight_change`` (off by
+default, as in the paper's configuration).
 
 Differences from the reference code, on purpose:
 
@@ -14,11 +16,25 @@ Differences from the reference code, on purpose:
   token boundary greedy generation sees (the reference prepended a space
   twice);
 * prompt tokens *and* padding are masked out of the loss;
-* an optional ROME-style norm constraint (``max_weight_change``) clamps each
-  trained weight to a box around its original value.
+* the LM head is applied only at the supervised positions (same loss, less
+  compute).
 
 The defaults are tuned for the built-in SmolLM2-135M (30 layers): a 135M model
-needs a much larger step size than the 8B model's lr 5e-5 x 25 steps.
+needs a much larger step size than the 8B model's lr 5e-5 x 25 steps.  Measured
+on the 10 built-in edits (edit_seed 0), layers 2-6, Adam lr 1e-3:
+
+=====  ========  ==============  ========  ==========================
+steps  success   generalization  locality  perplexity* (base 9.92)
+=====  ========  ==============  ========  ==========================
+10     0.9       0.8             0.6       9.90
+15     1.0       1.0             0.7       9.97
+20     1.0       1.0             0.7       10.03
+=====  ========  ==============  ========  ==========================
+
+(base model: success 0.0, generalization 0.0, locality 0.4; *perplexity on
+five short general-knowledge paragraphs).  lr 2e-3 / 3e-3 with 8 / 6 steps
+reached the same success but hurt locality (0.5 / 0.1), so 15 steps at 1e-3 is
+the default; each step is one forward+backward over the whole edit batch.
 """
 
 from __future__ import annotations
@@ -44,7 +60,7 @@ class FTParams(InterventionParams):
         min_length=1,
         description="decoder layers whose MLP down_proj is trained (0-based)",
     )
-    steps: int = Field(30, ge=1, le=10_000, description="optimizer steps on the whole edit batch")
+    steps: int = Field(15, ge=1, le=10_000, description="optimizer steps on the whole edit batch")
     lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="Adam (L2) weight decay")
     max_weight_change: float | None = Field(
