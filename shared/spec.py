@@ -21,6 +21,7 @@ missing or malformed file fails here, not an hour into a run.
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,6 +219,10 @@ def _format_validation_error(exc: ValidationError) -> str:
     for part in err["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
     msg = err["msg"].removeprefix("Value error, ")
+    # validators of a whole entry report the sub-field first ("sweep.sparsity[1]: ..."): join the paths
+    head, sep, rest = msg.partition(": ")
+    if sep and loc and re.fullmatch(r"(sweep|params)\.[\w.\[\]]+", head):
+        loc, msg = f"{loc}.{head}", rest
     extra = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{loc or 'spec'}: {msg}{extra}"
 

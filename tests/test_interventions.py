@@ -220,11 +220,16 @@ def test_wanda_exact_sparsity_tiny(tiny_dir: Path, tmp_path: Path) -> None:
     _assert_plain_dense(model, tok, tmp_path / "saved")
 
 
-def test_wanda_n_m_structure_tiny(tiny_dir: Path) -> None:
+def test_wanda_n_m_structure_tiny(tiny_dir: Path, tmp_path: Path) -> None:
     model, tok = load_model(tiny_dir)
+    # a model whose source folder is gone (e.g. a deleted temporary checkpoint):
+    # oneshot re-reads the config from name_or_path, which must not fall back to the hub
+    gone = str(tmp_path / "deleted-checkpoint")
+    model.config._name_or_path = gone
     wanda = get_intervention("wanda")
     params = wanda.parse_params({"sparsity": 0.5, "mask_structure": "2:4", **_FAST_CALIB})
     record = wanda.apply(model, tok, params, ExperimentData())
+    assert model.config._name_or_path == gone
     assert record["compression"]["mask_structure"] == "2:4"
     for name, w in block_linear_weights(model).items():
         groups = (w.detach().reshape(w.shape[0], -1, 4) == 0).sum(-1)

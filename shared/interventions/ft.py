@@ -193,7 +193,9 @@ class FineTuneEdit(Intervention):
                 p.requires_grad_(saved_flags[n])
             model.train(was_training)
         seconds = time.perf_counter() - start
-        log.info("ft: %d edits, %d steps, loss %.3f -> %.3f in %.1fs", len(edits), params.steps, losses[0], final, seconds)
+        log.info(
+            "ft: %d edits, %d steps, loss %.3f -> %.3f in %.1fs", len(edits), params.steps, losses[0], final, seconds
+        )
         return {
             "trained": list(trained),
             "num_edits": len(edits),

@@ -5,7 +5,8 @@ on every Linear layer inside the transformer blocks (attention and MLP
 projections; embeddings and the LM head are left dense, as in the paper).
 Pruning is per output row: each row of a ``[out, in]`` weight loses exactly
 ``int(in * sparsity)`` weights (or ``n`` of every ``m`` with ``mask_structure``),
-so the measured sparsity matches the requested one up to that rounding.
+so the measured sparsity matches the requested one up to that rounding (at
+most ``1 / in_features``: under 0.2 % for SmolLM2's 576 and 1536 columns).
 
 The calibration windows are cut from the experiment's ``calibration`` texts
 (:mod:`shared.interventions._calibration`) and handed to ``oneshot`` already
@@ -22,11 +23,11 @@ import logging
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from shared.interventions import register
@@ -47,7 +48,9 @@ class WandaParams(InterventionParams):
         "unstructured",
         description="'unstructured' or 'N:M' (N zeros in every M consecutive input weights, e.g. '2:4')",
     )
-    num_calibration_samples: int = Field(32, ge=1, description="calibration windows")
+    num_calibration_samples: int = Field(
+        32, ge=1, description="calibration windows (fewer if the corpus is shorter; the record has the count)"
+    )
     calibration_seq_len: int = Field(256, ge=8, description="tokens per calibration window")
 
     @field_validator("mask_structure")
