@@ -121,11 +121,31 @@ def source_identity(source: str) -> str:
     return "local-" + hashlib.sha256(parsed.name.encode()).hexdigest()[:16]
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LMCOMPOSE_CACHE", Path.home() / ".cache" / "lm-compose"))
+
+
 def _load_builtin_tokenizer():
+    """SmolLM2's tokenizer from the GGUF, cached as tokenizer JSON files.
+
+    Building a tokenizer from GGUF metadata parses the whole file (10-40 s
+    here); the cached copy, keyed by the GGUF's digest, loads in well under a
+    second.  It holds only JSON (no pickle).
+    """
     from transformers import AutoTokenizer
 
     path = gguf_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cached = _cache_dir() / f"smollm2-tokenizer-{file_sha256(path)[:16]}"
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, cached)
+    except OSError as exc:  # a read-only home is fine: just no cache
+        log.debug("could not cache the tokenizer in %s: %s", cached, exc)
+    return tokenizer
 
 
 def _convert_builtin_smollm2(dest: Path) -> None:

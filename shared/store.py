@@ -34,6 +34,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "lm-compose-checkpoint/1"
+VERIFIED_STAMP = ".verified.json"  # local cache of a successful verification (not part of the checkpoint)
 
 
 class StoreError(RuntimeError):
@@ -78,7 +79,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def build_manifest(folder: Path, key: str, meta: dict[str, Any]) -> dict[str, Any]:
     """Describe every file of a checkpoint folder (except the manifest itself)."""
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, VERIFIED_STAMP)):
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     if not files:
@@ -207,9 +208,37 @@ class LocalStore(Store):
         return manifest
 
     def get_checkpoint(self, key: str) -> tuple[Path, dict[str, Any]]:
+        """Verify and return a committed checkpoint.
+
+        Hashing a 0.5 GB checkpoint costs seconds and every pipeline task reads
+        one, so after a full sha256 verification the files' (size, mtime_ns,
+        inode) are remembered beside the manifest; a later read re-hashes only
+        if any of them changed (the same trade-off as git's index).  Any
+        rewrite, truncation or replacement of a file changes its stat and
+        triggers a full verification.
+        """
         manifest = self._read_manifest(key)
         folder = self._path(key)
+        stamp_path = folder / VERIFIED_STAMP
+        stamp = {"manifest_sha256": hashlib.sha256(canonical_json(manifest).encode()).hexdigest(), "files": {}}
+        for rel in manifest["files"]:
+            try:
+                st = (folder / rel).stat()
+            except FileNotFoundError:
+                break
+            stamp["files"][rel] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        try:
+            if json.loads(stamp_path.read_text()) == stamp:
+                return folder, manifest
+        except (OSError, json.JSONDecodeError):
+            pass
         verify_folder(folder, manifest, key)
+        tmp = stamp_path.with_name(f".{VERIFIED_STAMP}.{uuid.uuid4().hex}")
+        try:
+            tmp.write_text(json.dumps(stamp))
+            os.replace(tmp, stamp_path)
+        except OSError:  # read-only store: verify every time
+            pass
         return folder, manifest
 
     def checkpoint_meta(self, key: str) -> dict[str, Any]:

@@ -38,19 +38,15 @@ from shared.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_model, materialize
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny random Llama (4 layers, hidden 64) with SmolLM2's tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-random")
-    materialize_base(BUILTIN_TINY, path)
-    return load_model(path)
+def tiny(tiny_dir: Path):
+    """The tiny random Llama (4 layers, hidden 64) with SmolLM2's tokenizer, loaded."""
+    return load_model(tiny_dir)
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory):
-    """The real built-in model, dequantized from the packaged GGUF once per session."""
-    path = tmp_path_factory.mktemp("smollm2")
-    materialize_base(BUILTIN_SMOLLM2, path)
-    return load_model(path)
+def smollm2(smollm2_dir: Path):
+    """The real built-in model, loaded."""
+    return load_model(smollm2_dir)
 
 
 def write_mcq(path: Path, rows: list[dict]) -> Path:

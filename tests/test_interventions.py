@@ -24,20 +24,6 @@ from shared.models import block_linear_weights, load_model, materialize_base
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-random")
-    materialize_base("builtin:tiny-random", path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("smollm2")
-    materialize_base("builtin:smollm2-135m", path)
-    return path
-
-
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

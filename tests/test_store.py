@@ -138,3 +138,20 @@ def test_open_store_uris(tmp_path):
         open_store("gs://bucket/x")
     with pytest.raises(StoreError):
         open_store("")
+
+
+def test_verification_cache_is_invalidated_by_any_rewrite(tmp_path):
+    """Reads skip re-hashing unchanged files, but a rewritten file (same size) is caught again."""
+    store = LocalStore(tmp_path / "store")
+    key = checkpoint_key("base", ["z"])
+    store.put_checkpoint(key, _folder(tmp_path), {})
+    store.get_checkpoint(key)  # full verification, remembered
+    assert (store.root / key / ".verified.json").is_file()
+    store.get_checkpoint(key)  # served from the stamp
+    shard = store.root / key / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0x01
+    os.utime(shard, ns=(0, 0))  # even an old mtime differs from the remembered one
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="model-00001-of-00002.safetensors"):
+        store.get_checkpoint(key)
