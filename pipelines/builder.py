@@ -1,16 +1,22 @@
 """Compile an experiment spec into a Kubeflow pipeline.
 
-The plan's prefix tree becomes a static DAG: one task per distinct step
-(a child task takes its parent's checkpoint key as input, so it starts as soon
-as its own parent is done -- no per-depth barrier), one task per evaluator per
-evaluated model, and one aggregation task that runs after every evaluation.
+The plan's prefix tree becomes a static DAG of intervention tasks: one task
+per distinct step, a child taking its parent's checkpoint key as input, so it
+starts as soon as its own parent is done (no per-depth barrier; a loop per
+depth would make each depth wait for the slowest task of the previous one,
+and nested loops give wrong values under kfp.local 2.17).
 
-Why not ``ParallelFor``: nested loops give wrong values under kfp.local
-(2.17), and one loop per tree depth would make every depth wait for the
-slowest task of the previous one.  The fan-in problem (a component cannot take
-a variable number of inputs) is solved through the store: evaluators write
-results under content-addressed keys that the aggregator recomputes from the
-plan it receives as a constant.
+Evaluations are one flat ``ParallelFor`` over the evaluated models (their step
+lists are constants of the plan), with one task per evaluator inside; each
+evaluator recomputes its model's content-addressed key from the base digest
+and the steps.  They start when all interventions are done and run side by
+side (two at a time under kfp.local, which overlaps one task's start-up with
+another's compute on a small machine).
+
+Fan-in (a component cannot take a variable number of inputs) goes through
+the store: evaluators write results under content-addressed keys that the
+aggregator recomputes from the plan it receives as a constant; the aggregator
+waits for the whole loop.
 """
 
 
@@ -29,7 +35,7 @@ from shared.spec import ExperimentSpec
 def evaluation_options(spec: ExperimentSpec) -> dict[str, Any]:
     """Options every evaluator task receives (they key cached results)."""
     ev = spec.evaluation
-    return {"batch_size": ev.batch_size, "limit": ev.limit, "max_length": ev.max_length}
+    return {"batch_size": ev.batch_size, "limit": ev.limit, "max_length": ev.max_length, "dtype": ev.dtype}
 
 
 def pipeline_name(spec: ExperimentSpec) -> str:
@@ -49,6 +55,7 @@ def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = 
         base.set_display_name("base model")
         base_digest = base.outputs["base_digest"]
         keys = {"base": base.outputs["model_key"]}
+        interventions = [base]
         for node in plan.step_nodes:
             step = node.steps[-1]
             task = intervention_component(step["method"])(
@@ -61,12 +68,18 @@ def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = 
             )
             task.set_display_name(" > ".join(describe_step(s, plan.sweeps.get(s["method"])) for s in node.steps))
             keys[node.id] = task.output
-        evaluations = []
-        for node in plan.evaluated_nodes:
-            label = node.compositions[0]["label"]
+            interventions.append(task)
+        # evaluations: one loop over the evaluated models (constant step lists), every evaluator inside;
+        # they start once all interventions are done and run side by side (kfp.local: two at a time)
+        with dsl.ParallelFor(items=[json.dumps(n.steps, sort_keys=True) for n in plan.evaluated_nodes],
+                             parallelism=spec.evaluation.parallelism) as steps:
+            evaluations = []
             for name in plan.evaluators:
-                task = evaluator_component(name)(store_uri=store_uri, model_key=keys[node.id], data=data_json, options=options_json)
-                task.set_display_name(f"eval {name}: {label}")
+                task = evaluator_component(name)(
+                    store_uri=store_uri, base_digest=base_digest, steps=steps, data=data_json, options=options_json
+                )
+                task.set_display_name(f"eval {name}")
+                task.after(*interventions)
                 evaluations.append(task)
         agg = aggregate(store_uri=store_uri, base_digest=base_digest, plan=plan_json, data=data_json, options=options_json)
         agg.set_display_name("composability report")

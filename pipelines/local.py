@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
     from shared.execution import base_digest_in_store, report_key
     from shared.store import open_store
 
+    # two evaluation tasks run at once under kfp.local: give each half the cores
+    os.environ.setdefault("LMCOMPOSE_EVAL_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = build_plan(spec)

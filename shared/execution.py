@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,9 +44,7 @@ def _data(data_json: str | dict[str, Any]) -> ExperimentData:
 
 def _temp_dir(store: Store) -> tempfile.TemporaryDirectory:
     """A scratch folder for writing a checkpoint before it is committed to the store."""
-    staging = getattr(store, "staging_dir", None)
-    parent = staging().parent if staging else None
-    return tempfile.TemporaryDirectory(dir=parent, prefix="write-")
+    return tempfile.TemporaryDirectory(dir=store.scratch_parent(), prefix="write-")
 
 
 def keyed_steps(steps: list[dict[str, Any]], data: ExperimentData) -> list[dict[str, Any]]:
@@ -120,7 +119,7 @@ def run_step(
     """
     import torch
 
-    from shared.models import default_threads, load_model, model_digest, save_model
+    from shared.models import default_threads, load_model, save_model
 
     steps = json.loads(steps_json)
     if not steps:
@@ -157,7 +156,6 @@ def run_step(
         "steps": keyed,
         "records": parent_meta.get("records", []) + [{"method": method.name, "record": record, "seconds": seconds}],
         "compression": compression,
-        "model_digest": model_digest(model),
     }
     with _temp_dir(store) as tmp:
         save_model(model, tokenizer, Path(tmp))
@@ -172,7 +170,14 @@ def evaluation_config(evaluator: str, data: ExperimentData, options: dict[str, A
 
 
 def run_evaluation(store_uri: str, model_key: str, evaluator: str, data_json: str, options_json: str = "{}") -> dict[str, float]:
-    """Evaluate one checkpoint with one evaluator; cached in the store by content."""
+    """Evaluate one checkpoint with one evaluator; cached in the store by content.
+
+    ``options`` may carry ``dtype`` (float32 / bfloat16): every model is loaded
+    in that precision for evaluation, so results never depend on the dtype the
+    last intervention happened to leave.
+    """
+    import torch
+
     from shared.evaluation import EvalOptions, get_evaluator
     from shared.models import default_threads, load_model
 
@@ -184,9 +189,11 @@ def run_evaluation(store_uri: str, model_key: str, evaluator: str, data_json: st
         log.info("evaluation %s of %s already in store; skipping", evaluator, model_key)
         return store.get_json(rkey)["criteria"]
     folder, manifest = store.get_checkpoint(model_key)
-    default_threads()
-    model, tokenizer = load_model(folder)
-    opts = EvalOptions.model_validate({**options, "compression": manifest["meta"].get("compression")})
+    default_threads(os.environ.get("LMCOMPOSE_EVAL_THREADS"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.get("dtype", "float32")]
+    model, tokenizer = load_model(folder, dtype=dtype)
+    eval_options = {k: v for k, v in options.items() if k != "dtype"}
+    opts = EvalOptions.model_validate({**eval_options, "compression": manifest["meta"].get("compression")})
     started = time.time()
     criteria = {k: float(v) for k, v in get_evaluator(evaluator)(model, tokenizer, data, opts).items()}
     store.put_json(
@@ -195,6 +202,14 @@ def run_evaluation(store_uri: str, model_key: str, evaluator: str, data_json: st
     )
     log.info("evaluated %s with %s: %s", model_key, evaluator, criteria)
     return criteria
+
+
+def evaluate_steps(
+    store_uri: str, base_digest: str, steps_json: str, evaluator: str, data_json: str, options_json: str = "{}"
+) -> dict[str, float]:
+    """Evaluate the model obtained by ``steps`` from the base model (its key is recomputed from content)."""
+    key = model_key_for(base_digest, json.loads(steps_json), _data(data_json))
+    return run_evaluation(store_uri, key, evaluator, data_json, options_json)
 
 
 def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):

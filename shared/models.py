@@ -287,8 +287,12 @@ def block_linear_weights(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def default_threads() -> None:
-    """Use every core for intra-op parallelism (torch defaults can be lower in subprocesses)."""
-    n = os.cpu_count() or 1
+def default_threads(requested: str | int | None = None) -> None:
+    """Set torch's intra-op threads: ``requested`` if given, else every core.
+
+    Tasks that run side by side (kfp.local runs two evaluations at once) ask
+    for fewer threads so they do not oversubscribe the cores.
+    """
+    n = int(requested) if requested else (os.cpu_count() or 1)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

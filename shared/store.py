@@ -107,13 +107,20 @@ class Store(ABC):
 
     uri: str
 
+    def scratch_parent(self) -> Path | None:
+        """Where to write a checkpoint before committing it (None: the system temp folder)."""
+        return None
+
     @abstractmethod
     def has_checkpoint(self, key: str) -> bool:
         """True if a committed (manifest present) checkpoint exists under ``key``."""
 
     @abstractmethod
     def put_checkpoint(self, key: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
-        """Store the files of ``folder`` under ``key``; manifest last. Returns the manifest."""
+        """Store the files of ``folder`` under ``key``; manifest last. Returns the manifest.
+
+        ``folder`` may be consumed (its files moved) when it lies in the store's own staging area.
+        """
 
     @abstractmethod
     def get_checkpoint(self, key: str) -> tuple[Path, dict[str, Any]]:
@@ -153,6 +160,12 @@ class LocalStore(Store):
             raise StoreError(f"invalid store key {key!r}")
         return self.root / key
 
+    def scratch_parent(self) -> Path:
+        """Inside the store, so committing a written checkpoint is a rename, not a copy."""
+        path = self.root / ".staging"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def staging_dir(self) -> Path:
         """A fresh private folder on the same filesystem (for atomic renames)."""
         path = self.root / ".staging" / uuid.uuid4().hex
@@ -182,12 +195,19 @@ class LocalStore(Store):
             return self._read_manifest(key)
         manifest = build_manifest(folder, key, meta)
         staging = self.staging_dir()
+        # a folder already inside this store's staging area (see execution._temp_dir) is on the
+        # same filesystem: its files are moved, not copied, and need no second hashing
+        owned = folder.resolve().is_relative_to(self.root / ".staging")
         try:
             for rel in manifest["files"]:
                 dest = staging / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(folder / rel, dest)
-            verify_folder(staging, manifest, key)  # what we copied is what we hashed
+                if owned:
+                    os.replace(folder / rel, dest)
+                else:
+                    shutil.copyfile(folder / rel, dest)
+            if not owned:
+                verify_folder(staging, manifest, key)  # what we copied is what we hashed
             tmp = staging / (MANIFEST + ".tmp")
             tmp.write_text(json.dumps(manifest, indent=1))
             os.replace(tmp, staging / MANIFEST)  # commit marker inside staging

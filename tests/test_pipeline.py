@@ -45,19 +45,26 @@ def test_compiled_pipeline_parses_with_kfp_protobuf(tmp_path):
         return re.sub(r"-\d+$", "", task.component_ref.name)
 
     n_steps = len(plan.step_nodes)
-    n_evals = len(plan.evaluated_nodes) * len(plan.evaluators)
-    assert len(tasks) == 1 + n_steps + n_evals + 1
-    # every intervention and evaluator task runs one of our components
-    executors = {comp(t) for t in tasks.values()}
-    assert {"comp-prepare-base", "comp-ft", "comp-wanda", "comp-aggregate",
-            "comp-evaluate-compression", "comp-evaluate-perplexity"} <= executors
+    # root: base model, one task per distinct step, the evaluation loop, the aggregator
+    assert len(tasks) == 1 + n_steps + 1 + 1
+    assert sorted(comp(t) for t in tasks.values()).count("comp-ft") + sorted(
+        comp(t) for t in tasks.values()).count("comp-wanda") == n_steps
     # children take their parent's checkpoint key as input (a real data dependency)
     child = next(t for t in tasks.values() if comp(t) == "comp-wanda"
                  and any(comp(tasks[d]) == "comp-ft" for d in t.dependent_tasks))
     assert child.inputs.parameters["parent_key"].task_output_parameter.output_parameter_key == "Output"
-    # the aggregator waits for every evaluation
+    # one loop over the evaluated models, every evaluator inside, after every intervention
+    loop_name, loop = next((n, t) for n, t in tasks.items() if comp(t) == "comp-for-loop")
+    items = json.loads(loop.parameter_iterator.items.raw)
+    assert len(items) == len(plan.evaluated_nodes)
+    assert sorted(json.loads(i) == [] for i in items).count(True) == 1  # the base model
+    interventions = {n for n, t in tasks.items() if comp(t) in ("comp-ft", "comp-wanda", "comp-prepare-base")}
+    assert interventions <= set(loop.dependent_tasks)
+    body = pipeline.components[loop.component_ref.name].dag.tasks
+    assert {comp(t) for t in body.values()} == {f"comp-evaluate-{e}" for e in plan.evaluators}
+    # the aggregator waits for the whole loop
     agg = next(t for t in tasks.values() if comp(t) == "comp-aggregate")
-    assert sum(1 for d in agg.dependent_tasks if comp(tasks[d]).startswith("comp-evaluate")) == n_evals
+    assert loop_name in agg.dependent_tasks
     assert pipeline.root.input_definitions.parameters["store_uri"].default_value.string_value == "s3://bucket/prefix"
     # no credentials in the compiled YAML
     text = out.read_text().lower()

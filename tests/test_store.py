@@ -155,3 +155,15 @@ def test_verification_cache_is_invalidated_by_any_rewrite(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpoint, match="model-00001-of-00002.safetensors"):
         store.get_checkpoint(key)
+
+
+def test_folder_in_staging_is_moved_and_still_verified_on_read(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    staged = store.staging_dir()
+    (staged / "model.safetensors").write_bytes(b"abc" * 100)
+    key = checkpoint_key("base", ["moved"])
+    manifest = store.put_checkpoint(key, staged, {})
+    assert not (staged / "model.safetensors").exists()  # moved, not copied
+    folder, _ = store.get_checkpoint(key)
+    assert (folder / "model.safetensors").read_bytes() == b"abc" * 100
+    assert manifest["files"]["model.safetensors"]["size"] == 300
