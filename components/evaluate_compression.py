@@ -9,13 +9,13 @@ EVALUATOR = "compression"
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def evaluate_compression(store_uri: str, base_digest: str, steps: str, data: str, options: str, metrics: Output[Metrics]) -> str:
+def evaluate_compression(store_uri: str, model_source: str, steps: str, data: str, options: str, metrics: Output[Metrics]) -> str:
     """Evaluate the model ``steps`` made from the base model with the `compression` evaluator; output its criteria as JSON and as Metrics."""
     import json
 
     from shared.execution import evaluate_steps
 
-    criteria = evaluate_steps(store_uri, base_digest, steps, "compression", data, options)
+    criteria = evaluate_steps(store_uri, model_source, steps, "compression", data, options)
     for name, value in criteria.items():
         metrics.log_metric(name, value)
     return json.dumps(criteria)

@@ -9,13 +9,13 @@ EVALUATOR = "utility"
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def evaluate_utility(store_uri: str, base_digest: str, steps: str, data: str, options: str, metrics: Output[Metrics]) -> str:
+def evaluate_utility(store_uri: str, model_source: str, steps: str, data: str, options: str, metrics: Output[Metrics]) -> str:
     """Evaluate the model ``steps`` made from the base model with the `utility` evaluator; output its criteria as JSON and as Metrics."""
     import json
 
     from shared.execution import evaluate_steps
 
-    criteria = evaluate_steps(store_uri, base_digest, steps, "utility", data, options)
+    criteria = evaluate_steps(store_uri, model_source, steps, "utility", data, options)
     for name, value in criteria.items():
         metrics.log_metric(name, value)
     return json.dumps(criteria)

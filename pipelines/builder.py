@@ -8,8 +8,8 @@ and nested loops give wrong values under kfp.local 2.17).
 
 Evaluations are one flat ``ParallelFor`` over the evaluated models (their step
 lists are constants of the plan), with one task per evaluator inside; each
-evaluator recomputes its model's content-addressed key from the base digest
-and the steps.  They start when all interventions are done and run side by
+evaluator recomputes its model's content-addressed key from the base model's
+digest (looked up in the store by model source) and the steps.  They start when all interventions are done and run side by
 side (two at a time under kfp.local, which overlaps one task's start-up with
 another's compute on a small machine).
 
@@ -75,8 +75,10 @@ def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = 
                              parallelism=spec.evaluation.parallelism) as steps:
             evaluations = []
             for name in plan.evaluators:
+                # the base model is named by its source, not by prepare_base's output: kfp.local 2.17
+                # hands a loop body the loop item in place of an outer task's output parameter
                 task = evaluator_component(name)(
-                    store_uri=store_uri, base_digest=base_digest, steps=steps, data=data_json, options=options_json
+                    store_uri=store_uri, model_source=spec.model, steps=steps, data=data_json, options=options_json
                 )
                 task.set_display_name(f"eval {name}")
                 task.after(*interventions)

@@ -205,10 +205,14 @@ def run_evaluation(store_uri: str, model_key: str, evaluator: str, data_json: st
 
 
 def evaluate_steps(
-    store_uri: str, base_digest: str, steps_json: str, evaluator: str, data_json: str, options_json: str = "{}"
+    store_uri: str, model_source: str, steps_json: str, evaluator: str, data_json: str, options_json: str = "{}"
 ) -> dict[str, float]:
-    """Evaluate the model obtained by ``steps`` from the base model (its key is recomputed from content)."""
-    key = model_key_for(base_digest, json.loads(steps_json), _data(data_json))
+    """Evaluate the model obtained by ``steps`` from the base model (its key is recomputed from content).
+
+    The base model is named by its source; its content digest comes from the
+    store, where ``prepare_base`` recorded it.
+    """
+    key = model_key_for(base_digest_in_store(store_uri, model_source), json.loads(steps_json), _data(data_json))
     return run_evaluation(store_uri, key, evaluator, data_json, options_json)
 
 
