@@ -68,6 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     report_dir = run_local(spec, store_uri, out)
     results = load_results(report_dir / "results.csv")
     print()
+    print("Composability per pair and setting (first>second: the first-named method applied first;")
+    print("OFE: order-free error, OS: order sensitivity; lower is better for both):")
     print(console_table(results))
     print()
     print(f"finished in {time.time() - started:.0f} s")

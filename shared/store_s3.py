@@ -1,0 +1,609 @@
+"""S3 backend of the checkpoint store (AWS S3, SeaweedFS, MinIO, any S3-compatible server).
+
+Same keys and the same guarantees as :class:`shared.store.LocalStore`::
+
+    s3://<bucket>/<prefix>/ckpt/<key>/<file>          shards, config, tokenizer ...
+    s3://<bucket>/<prefix>/ckpt/<key>/manifest.json   written LAST: the commit marker
+    s3://<bucket>/<prefix>/results/<key>.json         small JSON documents
+
+Why the manifest is the commit marker here too: S3 has no rename and no
+multi-object transaction, but a single PUT is atomic and reads after a PUT are
+strongly consistent (AWS since 2020, SeaweedFS, MinIO).  So a writer uploads
+every file first and the manifest (each file's size and sha256) last; a writer
+killed at any earlier point leaves objects that no reader trusts, and the next
+writer of the key simply overwrites them.  Because keys are content addressed,
+two writers of one key upload identical bytes, so overwriting is harmless and
+"first committed manifest wins" needs no locking.
+
+The sha256 in the manifest is computed *while the bytes are streamed to S3*
+(one sequential read of each file, hashing overlapped with the network), so
+the manifest describes exactly what was uploaded, even if the local file
+changed underneath.  Readers download into a local cache folder, verify every
+file against the manifest (size, then sha256) and remember the verification
+like ``LocalStore`` does, so a second read on the same machine costs one GET
+of the manifest and a few ``stat`` calls.
+
+Credentials never come from the store URI or a pipeline spec: boto3's standard
+chain is used (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+``AWS_PROFILE`` and the shared config files, web identity / IRSA in a cluster,
+instance metadata).  See docs/s3.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+)
+
+from s3transfer.exceptions import RetriesExceededError
+
+from shared.store import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    VERIFIED_STAMP,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    Store,
+    StoreError,
+    canonical_json,
+    sha256_file,
+)
+
+MB = 1024 * 1024
+
+# Error codes that mean "who you are / what you may do" rather than "what is stored".
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+    "403",
+    "Forbidden",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_NO_BUCKET_CODES = {"NoSuchBucket"}
+_PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_CONNECTION_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+
+CREDENTIAL_HINT = (
+    "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), "
+    "or AWS_PROFILE and its entry in ~/.aws/credentials, and that this identity may read and write the bucket"
+)
+ENDPOINT_HINT = (
+    "check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (unset for AWS itself), that the server is running and "
+    "reachable from here, and AWS_REGION / AWS_DEFAULT_REGION"
+)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise StoreError(f"{name}={value!r} is not an integer") from exc
+
+
+def default_transfer_config() -> TransferConfig:
+    """Multipart settings for multi-GB safetensors shards (overridable through environment variables).
+
+    * 64 MiB parts: a 5 GB shard is ~80 parts (S3 allows 10 000), few enough
+      requests that per-request latency does not matter, small enough that a
+      retried part costs little.
+    * 8 parallel parts per file: saturates a 10 Gb/s link to S3 or a
+      cluster-local SeaweedFS without starving the node's CPU.
+    * Everything below 64 MiB (config, tokenizer, small shards) is one PUT.
+    """
+    chunk = _env_int("LMCOMPOSE_S3_CHUNK_MB", 64) * MB
+    concurrency = _env_int("LMCOMPOSE_S3_CONCURRENCY", 8)
+    config = TransferConfig(
+        multipart_threshold=_env_int("LMCOMPOSE_S3_MULTIPART_THRESHOLD_MB", 64) * MB,
+        multipart_chunksize=chunk,
+        max_concurrency=concurrency,
+        io_chunksize=1 * MB,
+        use_threads=True,
+        preferred_transfer_client="classic",  # deterministic behaviour with or without awscrt installed
+    )
+    # Our uploads stream from a hashing reader (see _HashingReader), so parts are buffered in memory:
+    # bound that to ~ (concurrency + 2) parts per store, i.e. ~640 MiB at the defaults.
+    config.max_in_memory_upload_chunks = concurrency + 2
+    return config
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only, deliberately non-seekable file wrapper that hashes what is read.
+
+    s3transfer reads a non-seekable source exactly once, front to back, and
+    keeps the parts it sends (and re-sends on a retry) in memory, so the
+    sha256 accumulated here is the digest of exactly the bytes uploaded.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._fh = open(path, "rb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, amount: int | None = -1) -> bytes:
+        data = self._fh.read(-1 if amount is None else amount)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:  # pragma: no cover - s3transfer uses read()
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _client_error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) or str(
+        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+    )
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> (``bucket``, ``some/prefix``)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StoreError(f"not an S3 store URI: {uri!r} (expected s3://bucket/prefix)")
+    if parsed.query or parsed.fragment or "@" in parsed.netloc:
+        # credentials or options in the URI would end up in pipeline specs and logs
+        raise StoreError(f"S3 store URI {uri!r} must be plain s3://bucket/prefix; credentials come from the environment")
+    bucket = parsed.netloc
+    prefix = parsed.path.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise StoreError(f"invalid prefix in S3 store URI {uri!r}")
+    return bucket, prefix
+
+
+class S3Store(Store):
+    """A checkpoint store in an S3 bucket under a prefix (``s3://bucket/prefix``).
+
+    Endpoint, region and credentials come from the environment (standard AWS
+    variables, ``AWS_PROFILE``), or from the explicit ``endpoint_url`` /
+    ``region`` / ``profile`` arguments -- never from the URI.  ``cache_dir``
+    is where verified checkpoints are downloaded to (default
+    ``$LMCOMPOSE_CACHE/s3/<bucket>/<prefix>``, ``$LMCOMPOSE_CACHE`` defaulting
+    to ``~/.cache/lm-compose``).  ``create_bucket=True`` creates a missing
+    bucket (tests, ``make`` targets); otherwise a missing bucket is an error.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        cache_dir: Path | str | None = None,
+        create_bucket: bool = False,
+        retry_mode: str | None = None,
+        max_attempts: int | None = None,
+        transfer_config: TransferConfig | None = None,
+    ) -> None:
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.endpoint_url = (
+            endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        )
+        self.create_bucket = create_bucket
+        self.transfer_config = transfer_config or default_transfer_config()
+        try:
+            session = boto3.Session(profile_name=profile or os.environ.get("AWS_PROFILE") or None)
+        except ProfileNotFound as exc:
+            raise StoreError(f"AWS profile not found ({exc}); check AWS_PROFILE and ~/.aws/config") from exc
+        self.region = region or session.region_name or "us-east-1"
+        retries = {
+            "mode": retry_mode or os.environ.get("LMCOMPOSE_S3_RETRY_MODE", "adaptive"),
+            "max_attempts": max_attempts or _env_int("LMCOMPOSE_S3_MAX_ATTEMPTS", 8),
+        }
+        config = Config(
+            retries=retries,  # throttling (SlowDown, 503), 5xx and connection errors are retried with backoff
+            connect_timeout=10,
+            read_timeout=120,
+            max_pool_connections=max(16, 2 * self.transfer_config.max_request_concurrency),
+            # path-style URLs for custom endpoints: SeaweedFS/MinIO do not resolve bucket.host names
+            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+        )
+        self._client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+        self._session = session
+        if cache_dir is None:
+            base = os.environ.get("LMCOMPOSE_CACHE") or os.path.join(
+                os.environ.get("XDG_CACHE_HOME") or "~/.cache", "lm-compose"
+            )
+            cache_dir = Path(base).expanduser() / "s3" / self.bucket / self.prefix
+        self.cache_dir = Path(cache_dir).expanduser().resolve()
+        self._bucket_ok = False
+
+    # -- naming and errors ---------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri!r}, endpoint={self.endpoint_url or 'AWS'})"
+
+    def _object(self, key: str) -> str:
+        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+            raise StoreError(f"invalid store key {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _where(self) -> str:
+        return f"{self.uri} at {self.endpoint_url or 'AWS S3'}"
+
+    def _redact(self, text: str) -> str:
+        """Remove the secret (and the access key id) from a server message, should a server echo them."""
+        try:
+            creds = self._session.get_credentials()
+            frozen = creds.get_frozen_credentials() if creds else None
+        except Exception:  # noqa: BLE001 - redaction must never raise
+            frozen = None
+        for secret in (getattr(frozen, "secret_key", None), getattr(frozen, "token", None), getattr(frozen, "access_key", None)):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _credential_source(self) -> str:
+        try:
+            creds = self._session.get_credentials()
+        except Exception:  # noqa: BLE001
+            return "unknown"
+        return getattr(creds, "method", "none") if creds else "none found"
+
+    def _translate(self, exc: Exception, action: str) -> StoreError:
+        """Map a boto3/botocore error to a StoreError that says what to check (never the secret)."""
+        if isinstance(exc, StoreError):
+            return exc
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StoreError(f"{action}: no usable AWS credentials for {self._where()}; {CREDENTIAL_HINT}")
+        if isinstance(exc, _CONNECTION_ERRORS):
+            return StoreError(f"{action}: cannot reach the S3 endpoint for {self._where()} ({type(exc).__name__}); {ENDPOINT_HINT}")
+        if isinstance(exc, ClientError):
+            code = _client_error_code(exc)
+            message = self._redact(str(exc.response.get("Error", {}).get("Message", "")))
+            if code in _AUTH_CODES:
+                return StoreError(
+                    f"{action}: S3 refused the request to {self._where()} ({code}: {message}); "
+                    f"credentials source: {self._credential_source()}; {CREDENTIAL_HINT}"
+                )
+            if code in _NO_BUCKET_CODES:
+                return StoreError(
+                    f"{action}: bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS S3'}; "
+                    "create it (aws s3 mb, or S3Store(..., create_bucket=True)) or fix the store URI"
+                )
+            return StoreError(f"{action}: S3 error on {self._where()} ({code}: {message})")
+        if isinstance(exc, BotoCoreError):
+            return StoreError(f"{action}: S3 client error on {self._where()}: {self._redact(str(exc))}")
+        return StoreError(f"{action}: {type(exc).__name__}: {self._redact(str(exc))}")
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            raise self._translate(exc, action) from None  # the boto chain can carry request details
+        except RetriesExceededError as exc:  # s3transfer gave up on a download's body reads
+            raise self._translate(exc.last_exception or exc, action) from None
+
+    def _ensure_bucket(self) -> None:
+        """Check once per store object that the bucket is reachable, so errors name the real cause."""
+        if self._bucket_ok:
+            return
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = _client_error_code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                if not self.create_bucket:
+                    raise self._translate(
+                        ClientError({"Error": {"Code": "NoSuchBucket", "Message": ""}}, "HeadBucket"), "open store"
+                    ) from None
+                self._create_bucket()
+            elif code in _AUTH_CODES:
+                # HEAD responses carry no error body ("403"): a GET-type call names the real cause
+                # (InvalidAccessKeyId vs SignatureDoesNotMatch vs AccessDenied)
+                with self._errors("open store"):
+                    self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+                # listing is allowed although HEAD is not (a narrow bucket policy): usable
+            else:
+                raise self._translate(exc, "open store") from None
+        except BotoCoreError as exc:
+            raise self._translate(exc, "open store") from None
+        self._bucket_ok = True
+
+    def _create_bucket(self) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region != "us-east-1" and not self.endpoint_url:
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except ClientError as exc:
+            if _client_error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._translate(exc, f"create bucket {self.bucket}") from None
+
+    def _transfers(self) -> Any:
+        """A transfer manager for one put/get (threads live only as long as the operation).
+
+        Use it as a context manager: on an exception its exit cancels the
+        remaining transfers and waits for their threads before files are closed.
+        """
+        return create_transfer_manager(self._client, self.transfer_config)
+
+    # -- small objects -------------------------------------------------------------------------------
+
+    def _get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None if it does not exist."""
+        name = self._object(key)
+        self._ensure_bucket()
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+        except ClientError as exc:
+            if _client_error_code(exc) in _NOT_FOUND_CODES:
+                return None
+            raise self._translate(exc, f"read {key}") from None
+        except BotoCoreError as exc:
+            raise self._translate(exc, f"read {key}") from None
+
+    def put_json(self, key: str, obj: Any) -> None:
+        """One PUT: S3 replaces an object atomically, so readers see the old or the new document."""
+        name = self._object(key)
+        body = json.dumps(obj, indent=1, sort_keys=True).encode()
+        self._ensure_bucket()
+        with self._errors(f"write {key}"):
+            self._client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentType="application/json")
+
+    def get_json(self, key: str) -> Any:
+        data = self._get_bytes(key)
+        if data is None:
+            raise KeyError(f"{key} not in {self.uri}")
+        return json.loads(data)
+
+    def has_json(self, key: str) -> bool:
+        name = self._object(key)
+        self._ensure_bucket()
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=name)
+            return True
+        except ClientError as exc:
+            if _client_error_code(exc) in _NOT_FOUND_CODES:
+                return False
+            raise self._translate(exc, f"look up {key}") from None
+        except BotoCoreError as exc:
+            raise self._translate(exc, f"look up {key}") from None
+
+    # -- manifests -----------------------------------------------------------------------------------
+
+    def _read_manifest(self, key: str) -> dict[str, Any]:
+        data = self._get_bytes(f"{key}/{MANIFEST}")
+        if data is None:
+            raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}")
+        try:
+            manifest = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise CorruptCheckpoint(f"{key}: manifest is not valid JSON ({exc})") from exc
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") != MANIFEST_FORMAT
+            or manifest.get("key") != key
+            or not isinstance(manifest.get("files"), dict)
+        ):
+            raise CorruptCheckpoint(f"{key}: manifest has wrong format or key")
+        return manifest
+
+    def has_checkpoint(self, key: str) -> bool:
+        """True if a valid manifest exists.
+
+        Unlike a missing or broken manifest, an S3 access or connection error
+        is raised: answering False would make the caller recompute a step and
+        then fail on the write, hiding the real problem.
+        """
+        try:
+            self._read_manifest(key)
+            return True
+        except (CheckpointNotFound, CorruptCheckpoint):
+            return False
+
+    def checkpoint_meta(self, key: str) -> dict[str, Any]:
+        return self._read_manifest(key)["meta"]
+
+    # -- writing a checkpoint ------------------------------------------------------------------------
+
+    def put_checkpoint(self, key: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """Upload every file of ``folder``, then the manifest; return the committed manifest.
+
+        If a committed manifest already exists it is kept and returned (same
+        key, same content).  ``folder`` is left as it is.
+        """
+        folder = Path(folder)
+        prefix = self._object(key)
+        try:
+            return self._read_manifest(key)
+        except (CheckpointNotFound, CorruptCheckpoint):
+            pass
+        paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, VERIFIED_STAMP))
+        if not paths:
+            raise StoreError(f"refusing to write an empty checkpoint for {key}")
+        json.dumps(meta)  # fail before uploading gigabytes if meta cannot be stored
+        files: dict[str, dict[str, Any]] = {}
+        readers: list[tuple[str, _HashingReader, Any]] = []
+        try:
+            # the manager's context exit cancels the other transfers when one fails (and waits for them)
+            with self._errors(f"upload checkpoint {key}"), self._transfers() as manager:
+                for path in paths:
+                    rel = path.relative_to(folder).as_posix()
+                    reader = _HashingReader(path)
+                    future = manager.upload(reader, self.bucket, f"{prefix}/{rel}")
+                    readers.append((rel, reader, future))
+                for rel, reader, future in readers:
+                    future.result()
+                    files[rel] = {"size": reader.size, "sha256": reader.hash.hexdigest()}
+                # what S3 now holds has the sizes we sent (a cheap HEAD per file, before committing)
+                for rel, info in files.items():
+                    head = self._client.head_object(Bucket=self.bucket, Key=f"{prefix}/{rel}")
+                    if head["ContentLength"] != info["size"]:
+                        raise CorruptCheckpoint(
+                            f"{key}: uploaded {rel} has {head['ContentLength']} bytes in S3, sent {info['size']}"
+                        )
+        finally:
+            for _rel, reader, _future in readers:
+                reader.close()
+        manifest = {"format": MANIFEST_FORMAT, "key": key, "created": time.time(), "files": files, "meta": meta}
+        return self._commit(key, manifest)
+
+    def _commit(self, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest unless one is already committed (conditional PUT where the server supports it).
+
+        ``If-None-Match: *`` makes "first committed manifest wins" atomic on
+        servers that implement it (AWS S3, recent MinIO/SeaweedFS); on servers
+        that ignore it two racing writers both commit, and since they uploaded
+        identical files either manifest verifies.
+        """
+        name = self._object(f"{key}/{MANIFEST}")
+        body = json.dumps(manifest, indent=1).encode()
+        with self._errors(f"commit checkpoint {key}"):
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=name, Body=body, ContentType="application/json", IfNoneMatch="*"
+                )
+                return manifest
+            except ClientError as exc:
+                if _client_error_code(exc) not in _PRECONDITION_CODES:
+                    raise
+            try:
+                return self._read_manifest(key)  # another writer committed first: keep theirs
+            except (CheckpointNotFound, CorruptCheckpoint):
+                # an invalid manifest blocked the conditional PUT: it never committed anything, replace it
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentType="application/json")
+                return manifest
+
+    # -- reading a checkpoint ------------------------------------------------------------------------
+
+    def _cache_folder(self, key: str) -> Path:
+        self._object(key)  # validates the key
+        return self.cache_dir / key
+
+    @staticmethod
+    def _stamp(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        stamp: dict[str, Any] = {"manifest_sha256": hashlib.sha256(canonical_json(manifest).encode()).hexdigest(), "files": {}}
+        for rel in manifest["files"]:
+            try:
+                st = (folder / rel).stat()
+            except FileNotFoundError:
+                stamp["files"][rel] = None
+                continue
+            stamp["files"][rel] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return stamp
+
+    @staticmethod
+    def _matches(path: Path, info: dict[str, Any]) -> bool:
+        try:
+            return path.stat().st_size == info["size"] and sha256_file(path) == info["sha256"]
+        except FileNotFoundError:
+            return False
+
+    def get_checkpoint(self, key: str) -> tuple[Path, dict[str, Any]]:
+        """Download (or reuse) a verified local copy of a committed checkpoint.
+
+        The cache folder is reused when its remembered verification matches
+        the current manifest and the files' (size, mtime, inode); otherwise
+        files that already match their digest are kept and the rest are
+        downloaded to hidden temporary names, verified, and renamed into place
+        one by one, so a concurrent reader of the same cache only ever sees
+        complete files.  A file that does not match the manifest raises
+        :class:`CorruptCheckpoint` naming it, and is not kept.
+        """
+        manifest = self._read_manifest(key)
+        folder = self._cache_folder(key)
+        stamp_path = folder / VERIFIED_STAMP
+        try:
+            if json.loads(stamp_path.read_text()) == self._stamp(folder, manifest):
+                return folder, manifest
+        except (OSError, json.JSONDecodeError):
+            pass
+        folder.mkdir(parents=True, exist_ok=True)
+        self._sweep_partials(folder)
+        prefix = self._object(key)
+        todo = [(rel, info) for rel, info in manifest["files"].items() if not self._matches(folder / rel, info)]
+        pending: list[tuple[str, dict[str, Any], Path, Any, Any]] = []
+        try:
+            with self._errors(f"download checkpoint {key}"), self._transfers() as manager:
+                for rel, info in todo:
+                    dest = folder / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+                    fh = open(tmp, "wb")
+                    pending.append((rel, info, tmp, fh, manager.download(self.bucket, f"{prefix}/{rel}", fh)))
+                for rel, info, tmp, fh, future in pending:
+                    try:
+                        future.result()
+                    except ClientError as exc:
+                        if _client_error_code(exc) in _NOT_FOUND_CODES:
+                            raise CorruptCheckpoint(f"{key}: file {rel} listed in the manifest is missing") from None
+                        raise
+                    fh.close()
+                    # hashing this file overlaps with the downloads still running
+                    size = tmp.stat().st_size
+                    if size != info["size"]:
+                        raise CorruptCheckpoint(f"{key}: file {rel} has {size} bytes, manifest says {info['size']}")
+                    if sha256_file(tmp) != info["sha256"]:
+                        raise CorruptCheckpoint(f"{key}: file {rel} does not match its sha256 in the manifest")
+                    os.replace(tmp, folder / rel)
+        finally:
+            for _rel, _info, tmp, fh, _future in pending:
+                fh.close()
+                tmp.unlink(missing_ok=True)
+        tmp_stamp = stamp_path.with_name(f".{VERIFIED_STAMP}.{uuid.uuid4().hex}")
+        try:
+            tmp_stamp.write_text(json.dumps(self._stamp(folder, manifest)))
+            os.replace(tmp_stamp, stamp_path)
+        except OSError:  # read-only cache: verify every time
+            tmp_stamp.unlink(missing_ok=True)
+        return folder, manifest
+
+    @staticmethod
+    def _sweep_partials(folder: Path, older_than_s: float = 6 * 3600) -> None:
+        """Delete ``.part`` files left by readers killed mid-download (old enough not to be in flight)."""
+        cutoff = time.time() - older_than_s
+        for part in folder.rglob(".*.part"):
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+            except OSError:
+                pass
