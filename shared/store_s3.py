@@ -15,10 +15,11 @@ writer of the key simply overwrites them.  Because keys are content addressed,
 two writers of one key upload identical bytes, so overwriting is harmless and
 "first committed manifest wins" needs no locking.
 
-The sha256 in the manifest is computed *while the bytes are streamed to S3*
-(one sequential read of each file, hashing overlapped with the network), so
-the manifest describes exactly what was uploaded, even if the local file
-changed underneath.  Readers download into a local cache folder, verify every
+Each file's sha256 is computed in a thread while the same file is uploaded
+(multipart, parallel parts), so verification costs no extra wall time when the
+network is the bottleneck; a file whose size or mtime changes during the
+upload aborts the commit.  Transport integrity of every part is checked by S3
+itself (botocore sends CRC32 checksums that the server validates).  Readers download into a local cache folder, verify every
 file against the manifest (size, then sha256) and remember the verification
 like ``LocalStore`` does, so a second read on the same machine costs one GET
 of the manifest and a few ``stat`` calls.
@@ -32,12 +33,12 @@ instance metadata).  See docs/s3.md.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -133,46 +134,16 @@ def default_transfer_config() -> TransferConfig:
         use_threads=True,
         preferred_transfer_client="classic",  # deterministic behaviour with or without awscrt installed
     )
-    # Our uploads stream from a hashing reader (see _HashingReader), so parts are buffered in memory:
-    # bound that to ~ (concurrency + 2) parts per store, i.e. ~640 MiB at the defaults.
-    config.max_in_memory_upload_chunks = concurrency + 2
     return config
 
 
-class _HashingReader(io.RawIOBase):
-    """A read-only, deliberately non-seekable file wrapper that hashes what is read.
+def _rel(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).as_posix()
 
-    s3transfer reads a non-seekable source exactly once, front to back, and
-    keeps the parts it sends (and re-sends on a retry) in memory, so the
-    sha256 accumulated here is the digest of exactly the bytes uploaded.
-    """
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self._fh = open(path, "rb")
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, amount: int | None = -1) -> bytes:
-        data = self._fh.read(-1 if amount is None else amount)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:  # pragma: no cover - s3transfer uses read()
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._fh.close()
-        super().close()
+def _stat_sig(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _client_error_code(exc: ClientError) -> str:
@@ -462,28 +433,26 @@ class S3Store(Store):
             raise StoreError(f"refusing to write an empty checkpoint for {key}")
         json.dumps(meta)  # fail before uploading gigabytes if meta cannot be stored
         files: dict[str, dict[str, Any]] = {}
-        readers: list[tuple[str, _HashingReader, Any]] = []
-        try:
-            # the manager's context exit cancels the other transfers when one fails (and waits for them)
-            with self._errors(f"upload checkpoint {key}"), self._transfers() as manager:
-                for path in paths:
-                    rel = path.relative_to(folder).as_posix()
-                    reader = _HashingReader(path)
-                    future = manager.upload(reader, self.bucket, f"{prefix}/{rel}")
-                    readers.append((rel, reader, future))
-                for rel, reader, future in readers:
-                    future.result()
-                    files[rel] = {"size": reader.size, "sha256": reader.hash.hexdigest()}
-                # what S3 now holds has the sizes we sent (a cheap HEAD per file, before committing)
-                for rel, info in files.items():
-                    head = self._client.head_object(Bucket=self.bucket, Key=f"{prefix}/{rel}")
-                    if head["ContentLength"] != info["size"]:
-                        raise CorruptCheckpoint(
-                            f"{key}: uploaded {rel} has {head['ContentLength']} bytes in S3, sent {info['size']}"
-                        )
-        finally:
-            for _rel, reader, _future in readers:
-                reader.close()
+        before = {path: _stat_sig(path) for path in paths}
+        # hashing (from the page cache, in parallel threads: hashlib releases the GIL) overlaps the upload
+        with self._errors(f"upload checkpoint {key}"), ThreadPoolExecutor(
+            max_workers=min(4, len(paths)), thread_name_prefix="lmc-sha256"
+        ) as hashers, self._transfers() as manager:  # its exit cancels the other transfers when one fails
+            digests = {path: hashers.submit(sha256_file, path) for path in paths}
+            uploads = {path: manager.upload(str(path), self.bucket, f"{prefix}/{_rel(path, folder)}") for path in paths}
+            for path in paths:
+                uploads[path].result()
+                digest = digests[path].result()
+                if _stat_sig(path) != before[path]:
+                    raise StoreError(f"{key}: {_rel(path, folder)} changed while it was being uploaded; nothing committed")
+                files[_rel(path, folder)] = {"size": before[path][0], "sha256": digest}
+            # what S3 now holds has the sizes we sent (a cheap HEAD per file, before committing)
+            for rel, info in files.items():
+                head = self._client.head_object(Bucket=self.bucket, Key=f"{prefix}/{rel}")
+                if head["ContentLength"] != info["size"]:
+                    raise CorruptCheckpoint(
+                        f"{key}: uploaded {rel} has {head['ContentLength']} bytes in S3, sent {info['size']}"
+                    )
         manifest = {"format": MANIFEST_FORMAT, "key": key, "created": time.time(), "files": files, "meta": meta}
         return self._commit(key, manifest)
 
@@ -562,31 +531,38 @@ class S3Store(Store):
         prefix = self._object(key)
         todo = [(rel, info) for rel, info in manifest["files"].items() if not self._matches(folder / rel, info)]
         pending: list[tuple[str, dict[str, Any], Path, Any, Any]] = []
+
+        def finished(future: Any, fh: Any, tmp: Path) -> tuple[int, str]:
+            # runs in a hashing thread: waits for one download, then hashes it while others still download
+            future.result()
+            fh.close()
+            return tmp.stat().st_size, sha256_file(tmp)
+
         try:
-            with self._errors(f"download checkpoint {key}"), self._transfers() as manager:
+            with self._errors(f"download checkpoint {key}"), ThreadPoolExecutor(
+                max_workers=max(1, min(4, len(todo))), thread_name_prefix="lmc-sha256"
+            ) as hashers, self._transfers() as manager:
                 for rel, info in todo:
                     dest = folder / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
                     fh = open(tmp, "wb")
-                    pending.append((rel, info, tmp, fh, manager.download(self.bucket, f"{prefix}/{rel}", fh)))
-                for rel, info, tmp, fh, future in pending:
+                    future = manager.download(self.bucket, f"{prefix}/{rel}", fh)
+                    pending.append((rel, info, tmp, fh, hashers.submit(finished, future, fh, tmp)))
+                for rel, info, tmp, _fh, checked in pending:
                     try:
-                        future.result()
+                        size, digest = checked.result()
                     except ClientError as exc:
                         if _client_error_code(exc) in _NOT_FOUND_CODES:
                             raise CorruptCheckpoint(f"{key}: file {rel} listed in the manifest is missing") from None
                         raise
-                    fh.close()
-                    # hashing this file overlaps with the downloads still running
-                    size = tmp.stat().st_size
                     if size != info["size"]:
                         raise CorruptCheckpoint(f"{key}: file {rel} has {size} bytes, manifest says {info['size']}")
-                    if sha256_file(tmp) != info["sha256"]:
+                    if digest != info["sha256"]:
                         raise CorruptCheckpoint(f"{key}: file {rel} does not match its sha256 in the manifest")
                     os.replace(tmp, folder / rel)
         finally:
-            for _rel, _info, tmp, fh, _future in pending:
+            for _rel, _info, tmp, fh, _checked in pending:
                 fh.close()
                 tmp.unlink(missing_ok=True)
         tmp_stamp = stamp_path.with_name(f".{VERIFIED_STAMP}.{uuid.uuid4().hex}")
