@@ -42,9 +42,40 @@ def pipeline_name(spec: ExperimentSpec) -> str:
     return f"lmcompose-{spec.name}"
 
 
-def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = None) -> Callable[..., Any]:
-    """A ``@dsl.pipeline`` function running ``spec`` against the store at ``store_uri``."""
+#: Kubernetes objects from manifests/base that give tasks access to an S3 store
+S3_SECRET = "lmcompose-s3-credentials"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+STORE_CONFIG_MAP = "lmcompose-store"
+STORE_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
+
+
+def attach_store_access(task: Any, secret: str = S3_SECRET, config_map: str = STORE_CONFIG_MAP) -> None:
+    """Give a task the S3 credentials (from a Secret) and endpoint (from a ConfigMap) as env vars.
+
+    Credentials never become pipeline parameters, so they never appear in the
+    compiled YAML or the KFP UI -- only the Secret's name does.
+    """
+    from kfp import kubernetes
+
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+    kubernetes.use_config_map_as_env(
+        task, config_map_name=config_map, config_map_key_to_env={k: k for k in STORE_CONFIG_KEYS}, optional=True
+    )
+
+
+def build_pipeline(
+    spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = None, kubernetes: Optional[bool] = None
+) -> Callable[..., Any]:
+    """A ``@dsl.pipeline`` function running ``spec`` against the store at ``store_uri``.
+
+    ``kubernetes`` adds the cluster-only task settings (S3 credentials from a
+    Secret); by default they are added when the store is on S3.  kfp.local
+    ignores them, so the local driver switches them off.
+    """
     plan = plan or build_plan(spec)
+    if kubernetes is None:
+        kubernetes = store_uri.startswith("s3://")
+    all_tasks: list[Any] = []
     data_json = spec.data.model_dump_json()
     options_json = json.dumps(evaluation_options(spec), sort_keys=True)
     plan_json = json.dumps(plan.to_json(), sort_keys=True)
@@ -53,6 +84,7 @@ def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = 
     def pipeline(store_uri: str = store_uri) -> None:
         base = prepare_base(store_uri=store_uri, model_source=spec.model, trust_remote_code=spec.trust_remote_code)
         base.set_display_name("base model")
+        all_tasks.append(base)
         base_digest = base.outputs["base_digest"]
         keys = {"base": base.outputs["model_key"]}
         interventions = [base]
@@ -69,6 +101,7 @@ def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = 
             task.set_display_name(" > ".join(describe_step(s, plan.sweeps.get(s["method"])) for s in node.steps))
             keys[node.id] = task.output
             interventions.append(task)
+            all_tasks.append(task)
         # evaluations: one loop over the evaluated models (constant step lists), every evaluator inside;
         # they start once all interventions are done and run side by side (kfp.local: two at a time)
         with dsl.ParallelFor(items=[json.dumps(n.steps, sort_keys=True) for n in plan.evaluated_nodes],
@@ -83,9 +116,14 @@ def build_pipeline(spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = 
                 task.set_display_name(f"eval {name}")
                 task.after(*interventions)
                 evaluations.append(task)
+                all_tasks.append(task)
         agg = aggregate(store_uri=store_uri, base_digest=base_digest, plan=plan_json, data=data_json, options=options_json)
         agg.set_display_name("composability report")
         agg.after(*evaluations)
+        all_tasks.append(agg)
+        if kubernetes:
+            for task in all_tasks:
+                attach_store_access(task)
 
     return pipeline
 

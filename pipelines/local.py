@@ -38,7 +38,7 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
         pipeline_root=str(out_dir / "kfp-local"),
         enable_caching=False,
     )
-    pipeline = build_pipeline(spec, store_uri, plan)
+    pipeline = build_pipeline(spec, store_uri, plan, kubernetes=False)
     pipeline()
 
     # the aggregator committed the report to the store; fetch it into the output folder

@@ -219,9 +219,8 @@ class S3Store(Store):
         self._client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
         self._session = session
         if cache_dir is None:
-            base = os.environ.get("LMCOMPOSE_CACHE") or os.path.join(
-                os.environ.get("XDG_CACHE_HOME") or "~/.cache", "lm-compose"
-            )
+            # the same cache root as shared.models (converted base models)
+            base = os.environ.get("LMCOMPOSE_CACHE") or str(Path.home() / ".cache" / "lm-compose")
             cache_dir = Path(base).expanduser() / "s3" / self.bucket / self.prefix
         self.cache_dir = Path(cache_dir).expanduser().resolve()
         self._bucket_ok = False

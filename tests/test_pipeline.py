@@ -66,9 +66,14 @@ def test_compiled_pipeline_parses_with_kfp_protobuf(tmp_path):
     agg = next(t for t in tasks.values() if comp(t) == "comp-aggregate")
     assert loop_name in agg.dependent_tasks
     assert pipeline.root.input_definitions.parameters["store_uri"].default_value.string_value == "s3://bucket/prefix"
-    # no credentials in the compiled YAML
-    text = out.read_text().lower()
-    assert "aws_secret_access_key" not in text and "password" not in text
+    # S3 credentials reach every task from a Kubernetes Secret, never as parameters or values
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(platform) == len(pipeline.deployment_spec["executors"])
+    for executor in platform.values():
+        secret = executor["secretAsEnv"][0]
+        assert secret["secretName"] == "lmcompose-s3-credentials"
+        assert {kv["envVar"] for kv in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert "AWS_ACCESS_KEY_ID" not in json.dumps(docs[0])  # nothing about credentials in the pipeline itself
 
 
 @pytest.mark.slow
