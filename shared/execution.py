@@ -27,16 +27,6 @@ from shared.store import Store, checkpoint_key, open_store, result_key
 
 log = logging.getLogger("lmcompose")
 
-#: which data inputs each evaluator reads (their digests key its cached results)
-EVALUATOR_DATA: dict[str, tuple[str, ...]] = {
-    "edit": ("edits",),
-    "utility": ("utility_mcq",),
-    "forget": ("forget_mcq",),
-    "perplexity": ("perplexity",),
-    "compression": (),
-}
-
-
 def _data(data_json: str | dict[str, Any]) -> ExperimentData:
     raw = json.loads(data_json) if isinstance(data_json, str) else data_json
     return ExperimentData(DataConfig.model_validate(raw))
@@ -164,6 +154,9 @@ def run_step(
 
 
 def evaluation_config(evaluator: str, data: ExperimentData, options: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation result is keyed by besides the model: its options and its data's digests."""
+    from shared.evaluation import EVALUATOR_DATA
+
     if evaluator not in EVALUATOR_DATA:
         raise KeyError(f"unknown evaluator {evaluator!r}; allowed: {', '.join(EVALUATOR_DATA)}")
     return {"options": options, "data": {name: data.digest(name) for name in EVALUATOR_DATA[evaluator]}}

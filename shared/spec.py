@@ -29,11 +29,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.data import DataConfig, DataError
+from shared.evaluation import EVALUATORS as EVALUATOR_REGISTRY
 from shared.interventions import available, get_intervention
 from shared.models import ModelSourceError, parse_source
 
-#: evaluators a spec may name (kept in sync with shared.evaluation's registry by a test)
-EVALUATORS: tuple[str, ...] = ("edit", "utility", "forget", "perplexity", "compression")
+#: evaluators a spec may name (the evaluation registry, in its order)
+EVALUATORS: tuple[str, ...] = tuple(EVALUATOR_REGISTRY)
 
 
 class SpecError(ValueError):

@@ -6,7 +6,7 @@ import inspect
 
 from components import evaluator_components, intervention_components
 from components.image import BASE_IMAGE
-from shared.execution import EVALUATOR_DATA
+from shared.evaluation import EVALUATOR_DATA
 from shared.interventions import available
 from shared.spec import EVALUATORS
 

@@ -79,11 +79,22 @@ EVALUATORS: dict[str, Evaluator] = {
 }
 
 
-def register_evaluator(name: str, fn: Evaluator) -> Evaluator:
+#: evaluator name -> the data fields it reads; their content digests key its cached results in the store
+EVALUATOR_DATA: dict[str, tuple[str, ...]] = {
+    "edit": ("edits",),
+    "utility": ("utility_mcq",),
+    "forget": ("forget_mcq",),
+    "perplexity": ("perplexity",),
+    "compression": (),
+}
+
+
+def register_evaluator(name: str, fn: Evaluator, data_inputs: tuple[str, ...] = ()) -> Evaluator:
     """Add an evaluator under ``name`` (refuses to silently replace another one)."""
     if name in EVALUATORS and EVALUATORS[name] is not fn:
         raise ValueError(f"evaluator {name!r} is already registered")
     EVALUATORS[name] = fn
+    EVALUATOR_DATA[name] = tuple(data_inputs)
     return fn
 
 
@@ -116,6 +127,7 @@ def run_evaluator(
 
 __all__ = [
     "EVALUATORS",
+    "EVALUATOR_DATA",
     "EvalOptions",
     "Evaluator",
     "available_evaluators",
