@@ -41,6 +41,7 @@ DEFAULT_TITLE = "lm-compose composability report"
 
 #: columns of the "all evaluated models" table (compression measurements and perplexity)
 MEASUREMENT_COLUMNS: tuple[str, ...] = ("perplexity", "sparsity", "avg_bits")
+_MEASUREMENT_FORMATS = {"perplexity": lambda v: _fmt(v, 2), "avg_bits": lambda v: _fmt(v, 2)}
 
 
 # --------------------------------------------------------------------------- loading
@@ -335,8 +336,13 @@ def _wins_tables(
             except ValueError as exc:
                 notes.append(f"wins for {cat} ({basis}) not counted: {exc}")
                 continue
-            if len(wins.columns) > 1:
-                out.append((cat, basis, wins))
+            values = wins.drop(columns=[WINS_COLUMN])
+            values = values.loc[:, values.notna().any()]
+            if (values.notna().sum() >= 2).any():  # at least one column where two methods compete
+                out.append((cat, basis, pd.concat([wins[[WINS_COLUMN]], values], axis=1)))
+    if summary_at is None and (pairs.groupby(["pair", "setting_key"])["sweep_value"].nunique() > 1).any():
+        notes.append("per-setting wins are counted only for pairs evaluated at a single sweep value; "
+                     "pass summary_at={sweep_param: value} to compare swept pairs at one value")
     return out
 
 
@@ -453,7 +459,7 @@ def _markdown(
     else:
         view = single[["composition", *CRITERIA]].copy()
         view["composition"] = [c if c else "(base model)" for c in view["composition"]]
-        lines += [markdown_table(view), ""]
+        lines += [markdown_table(view, _MEASUREMENT_FORMATS), ""]
 
     # per setting
     lines += ["## Composability per setting", ""]
@@ -521,7 +527,7 @@ def _markdown(
     view = results[["composition", "n_steps", *MEASUREMENT_COLUMNS]].copy()
     view["composition"] = [c if c else "(base model)" for c in view["composition"]]
     view["n_steps"] = view["n_steps"].astype(int).astype(str)
-    lines += [markdown_table(view, {"perplexity": lambda v: _fmt(v, 2), "avg_bits": lambda v: _fmt(v, 2)}), ""]
+    lines += [markdown_table(view, _MEASUREMENT_FORMATS), ""]
     return "\n".join(lines)
 
 

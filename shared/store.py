@@ -282,15 +282,21 @@ class LocalStore(Store):
 
 
 def open_store(uri: str) -> Store:
-    """Open a store from a URI: a local path, ``file://...``; ``s3://`` arrives with the S3 backend."""
+    """Open a store from a URI: a local path, ``file://...`` or ``s3://bucket/prefix``.
+
+    S3 endpoint, region and credentials come from the standard AWS environment
+    variables (or ``AWS_PROFILE``), never from the URI or the spec.
+    """
     if not uri:
         raise StoreError("no store URI given")
     if uri.startswith("s3://"):
-        raise StoreError("the S3 store backend is not available yet; use a local folder")
+        from shared.store_s3 import S3Store
+
+        return S3Store(uri)
     if uri.startswith("file://"):
         from urllib.parse import unquote, urlparse
 
         return LocalStore(unquote(urlparse(uri).path))
     if "://" in uri:
-        raise StoreError(f"unsupported store URI scheme in {uri!r}; use a local path or file://")
+        raise StoreError(f"unsupported store URI scheme in {uri!r}; use a local path, file:// or s3://")
     return LocalStore(uri)
