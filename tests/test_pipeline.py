@@ -77,7 +77,7 @@ def test_compiled_pipeline_parses_with_kfp_protobuf(tmp_path):
 
 
 @pytest.mark.slow
-def test_kfp_local_run_on_tiny_model_and_resume(tmp_path):
+def test_kfp_local_run_on_tiny_model_and_resume(tmp_path, capsys):
     from pipelines.local import run_local
     from shared.report import load_results
 
@@ -98,6 +98,15 @@ def test_kfp_local_run_on_tiny_model_and_resume(tmp_path):
     # a second run of the same spec recomputes nothing: every checkpoint and result is found in the store
     def snapshot():
         return {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file() and "reports" not in p.parts}
+
+    # `lmcompose plan SPEC --store` marks every step of the finished run as done
+    from pipelines.cli import main
+
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(TINY_SPEC))
+    assert main(["plan", str(spec_file), "--store", str(store)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[done]") == len(build_plan(spec).nodes)
 
     before = snapshot()
     n_ckpt = len(list(store.glob("ckpt/*/manifest.json")))
