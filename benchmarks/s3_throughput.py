@@ -30,7 +30,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import boto3  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 
 from shared.store_s3 import S3Store, default_transfer_config  # noqa: E402

@@ -19,7 +19,6 @@ def aggregate(
     """Collect every evaluation of ``plan`` from the store and write the report; output the report's store key."""
     import shutil
     import tempfile
-    from pathlib import Path
 
     from shared.execution import aggregate as run
     from shared.execution import report_key

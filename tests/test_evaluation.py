@@ -32,7 +32,7 @@ from shared.evaluation.edit import (
 )
 from shared.evaluation.mcq import evaluate_mcq, task_config
 from shared.evaluation.perplexity import perplexity
-from shared.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_model, materialize_base
+from shared.models import load_model
 
 # --------------------------------------------------------------------------- fixtures
 

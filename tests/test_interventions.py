@@ -19,7 +19,7 @@ from shared.interventions import Category, available, get_intervention
 from shared.interventions._calibration import calibration_dataset, calibration_windows
 from shared.interventions.ft import build_edit_batch, target_loss
 from shared.interventions.wanda import measured_sparsity
-from shared.models import block_linear_weights, load_model, materialize_base
+from shared.models import block_linear_weights, load_model
 
 # ---------------------------------------------------------------- fixtures
 

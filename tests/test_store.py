@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from shared.store import (
-    MANIFEST,
     CheckpointNotFound,
     CorruptCheckpoint,
     LocalStore,

@@ -16,7 +16,6 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,7 @@ from shared.store import (
     checkpoint_key,
 )
 
-try:  # `python -m pytest` from the repo root, or plain `pytest` (tests/ on sys.path)
-    from tests.s3server import TEST_REGION, SeaweedS3, free_ports, weed_binary
-except ImportError:  # pragma: no cover
-    from s3server import TEST_REGION, SeaweedS3, free_ports, weed_binary  # type: ignore[no-redef]
+from tests.s3server import TEST_REGION, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "lm-compose-test"
