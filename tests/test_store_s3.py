@@ -32,6 +32,7 @@ from shared.store import (
 )
 
 from tests.s3server import TEST_REGION, free_ports
+from tests.test_store import _folder
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "lm-compose-test"
@@ -58,16 +59,6 @@ def _raw_client(env: dict[str, str]):
 
 def _object_name(store: Any, key: str, rel: str) -> str:
     return f"{store.prefix}/{key}/{rel}" if store.prefix else f"{key}/{rel}"
-
-
-def _folder(tmp_path: Path, content: bytes = b"weights" * 1000, name: str = "src") -> Path:
-    src = tmp_path / name
-    (src / "sub").mkdir(parents=True)
-    (src / "model-00001-of-00002.safetensors").write_bytes(content)
-    (src / "model-00002-of-00002.safetensors").write_bytes(content[::-1])
-    (src / "config.json").write_text('{"a": 1}')
-    (src / "sub" / "extra.json").write_text("{}")
-    return src
 
 
 class Backend:

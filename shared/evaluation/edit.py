@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from shared.evaluation._batching import pad_batch
+
 from shared.data import EditRecord
 
 #: A fixed two-shot preamble in the same Question/Answer format.  Zero-shot, the
@@ -155,13 +157,8 @@ def greedy_generate(
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), max(1, batch_size)):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = list(prompts[i])
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
+        input_ids, attention = pad_batch([prompts[i] for i in idx], pad_token_id, left=True)
+        width = input_ids.shape[1]
         budget = max(max_new_tokens[i] for i in idx)
         if budget <= 0:
             continue

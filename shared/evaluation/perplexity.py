@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from shared.evaluation._batching import pad_batch
 import torch.nn.functional as F
 
 
@@ -41,13 +43,7 @@ def sequence_nll(
     total_tokens = 0
     for start in range(0, len(order), max(1, batch_size)):
         idx = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq = torch.tensor(list(sequences[i]), dtype=torch.long)
-            input_ids[row, : len(seq)] = seq
-            attention[row, : len(seq)] = 1
+        input_ids, attention = pad_batch([sequences[i] for i in idx], pad_token_id, left=False)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         for row, i in enumerate(idx):
             n = len(sequences[i])
