@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from shared.compression_state import STATE_FILE, load_state, read_grid, save_state
 from shared.data import DataConfig, ExperimentData
 from shared.interventions import get_intervention
 from shared.store import Store, checkpoint_key, open_store, result_key
@@ -131,16 +133,18 @@ def run_step(
     model, tokenizer = load_model(folder, trust_remote_code=trust_remote_code)
     method = get_intervention(steps[-1]["method"])
     params = method.parse_params(steps[-1]["params"])
+    parent_state, parent_grid_args = load_state(folder)
     torch.manual_seed(0)
     started = time.time()
-    record = method.apply(model, tokenizer, params, data) or {}
+    if method.reads_compression_state:
+        record = method.apply(model, tokenizer, params, data, state=(parent_state, parent_grid_args)) or {}
+    else:
+        record = method.apply(model, tokenizer, params, data) or {}
     seconds = time.time() - started
     log.info("applied %s in %.1f s", method.name, seconds)
 
-    compression = record.get("compression")
-    if compression is None and parent_meta.get("compression"):
-        # the model was compressed earlier and a later step changed its weights
-        compression = {**parent_meta["compression"], "modified_after": True}
+    new_state = record.pop("state", None)
+    compression = _next_compression(parent_meta.get("compression"), record.get("compression"), method.category.value)
     meta = {
         "base_digest": base_digest,
         "steps": keyed,
@@ -149,8 +153,51 @@ def run_step(
     }
     with _temp_dir(store) as tmp:
         save_model(model, tokenizer, Path(tmp))
+        _write_state(Path(tmp), folder, parent_meta.get("compression"), new_state)
         store.put_checkpoint(key, Path(tmp), meta)
     return key
+
+
+def _next_compression(parent: dict[str, Any] | None, new: dict[str, Any] | None, category: str) -> dict[str, Any] | None:
+    """The compression record of a new checkpoint, from its parent's and the step's own.
+
+    * a compressor's record, with the compression it was applied on (if still
+      intact) as ``previous`` -- e.g. Wanda then GPTQ is pruned *and* quantized;
+    * a compressor without its own record (``reproject``) restores the parent's;
+    * any other step marks the parent's as ``modified_after``: the weights have
+      left their grid / mask until a re-compression step restores them.
+    """
+    if new is not None:
+        if parent and not parent.get("modified_after"):
+            return {**new, "previous": parent}
+        return dict(new)
+    if parent is None:
+        return None
+    if category == "compress":
+        return {k: v for k, v in parent.items() if k != "modified_after"}
+    return {**parent, "modified_after": True}
+
+
+def _write_state(dest: Path, parent_folder: Path, parent_compression: dict[str, Any] | None,
+                 new_state: dict[str, Any] | None) -> None:
+    """Write the new checkpoint's compression state (scales, zero points, masks) beside its weights.
+
+    A compressor's state is merged over its parent's when the parent's
+    compression was still intact (pruned, then quantized: both mask and grid
+    hold).  Other steps carry the parent's state unchanged, so a later
+    ``reproject`` step finds what to restore.
+    """
+    parent_tensors, _ = load_state(parent_folder)
+    parent_grid = read_grid(parent_folder)
+    if new_state is None:
+        if parent_tensors:
+            shutil.copy2(Path(parent_folder) / STATE_FILE, dest / STATE_FILE)
+        return
+    intact = parent_compression is not None and not parent_compression.get("modified_after")
+    tensors = {**(parent_tensors if intact else {}), **new_state["tensors"]}
+    grid = new_state.get("grid") or (parent_grid if intact else None)
+    if tensors:
+        save_state(dest, tensors, grid)
 
 
 def evaluation_config(evaluator: str, data: ExperimentData, options: dict[str, Any]) -> dict[str, Any]:
@@ -229,16 +276,18 @@ def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json:
     max_steps = max((len(c["steps"]) for c in plan.compositions), default=0)
     rows = []
     for comp in plan.compositions:
-        node = plan.nodes[comp["node"]]
+        node = plan.nodes[comp["node"]]  # the steps run: the composition's plus any re-compression
         key = model_key_for(base_digest, node.steps, data)
+        steps = comp["steps"]
         row: dict[str, Any] = {
             "model_key": key,
-            "n_steps": len(node.steps),
+            "n_steps": len(steps),
             "composition": comp["label"],
-            "methods": ">".join(s["method"] for s in node.steps),
+            "methods": ">".join(s["method"] for s in steps),
+            "recompress": comp.get("recompress", ""),
         }
         for k in range(1, max_steps + 1):
-            step = node.steps[k - 1] if k <= len(node.steps) else None
+            step = steps[k - 1] if k <= len(steps) else None
             row[f"step{k}_method"] = step["method"] if step else ""
             row[f"step{k}_params"] = json.dumps(step["params"], sort_keys=True) if step else ""
         sweep = comp.get("sweep")

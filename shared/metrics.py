@@ -276,7 +276,7 @@ def normalize_results(results: pd.DataFrame) -> pd.DataFrame:
     here relies on ``""`` meaning "absent".
     """
     df = results.copy()
-    str_cols = [c for c in df.columns if c in ("model_key", "composition", "methods", "sweep_method", "sweep_param")
+    str_cols = [c for c in df.columns if c in ("model_key", "composition", "methods", "sweep_method", "sweep_param", "recompress")
                 or (c.startswith("step") and (c.endswith("_method") or c.endswith("_params")))]
     for c in str_cols:
         df[c] = df[c].map(_str).astype(object)

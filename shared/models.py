@@ -19,6 +19,7 @@ Only safetensors are ever read: ``use_safetensors=True`` everywhere, and
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -112,6 +113,34 @@ def source_identity(source: str) -> str:
     if parsed.kind == "hub":
         return "hub-" + hashlib.sha256(str(parsed).encode()).hexdigest()[:16]
     return "local-" + hashlib.sha256(parsed.name.encode()).hexdigest()[:16]
+
+
+#: input widths of the block Linear layers of the built-in models (hidden size, MLP width)
+_BUILTIN_INPUT_WIDTHS = {"smollm2-135m": {576, 1536}, "tiny-random": {64, 128}}
+
+
+def known_input_widths(source: str) -> set[int] | None:
+    """Input widths of the block Linear layers of ``source``'s model, if known without loading it.
+
+    Built-in models are known; a local folder's ``config.json`` gives them;
+    hub models are not looked up (no network during validation), so ``None``
+    -- the intervention checks again on the loaded model before any work.
+    """
+    parsed = parse_source(source)
+    if parsed.kind == "builtin":
+        return set(_BUILTIN_INPUT_WIDTHS[parsed.name])
+    if parsed.kind == "local":
+        cfg_path = Path(parsed.name) / "config.json"
+        if not cfg_path.is_file():
+            return None
+        cfg = json.loads(cfg_path.read_text())
+        hidden, inter = cfg.get("hidden_size"), cfg.get("intermediate_size")
+        heads, head_dim = cfg.get("num_attention_heads"), cfg.get("head_dim")
+        widths = {int(w) for w in (hidden, inter) if w}
+        if heads and head_dim:
+            widths.add(int(heads) * int(head_dim))  # o_proj's input
+        return widths or None
+    return None
 
 
 def _cache_dir() -> Path:

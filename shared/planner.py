@@ -64,7 +64,7 @@ class Plan:
         return {
             "compositions": len(self.compositions),
             "intervention_runs": len(self.step_nodes),
-            "intervention_runs_naive": sum(len(c["steps"]) for c in self.compositions),
+            "intervention_runs_naive": sum(self.nodes[c["node"]].depth for c in self.compositions),
             "evaluations": len(self.evaluated_nodes) * n_eval,
             "evaluations_naive": len(self.compositions) * n_eval,
         }
@@ -84,6 +84,17 @@ class Plan:
         return cls(obj["spec_name"], nodes, obj["compositions"], obj["evaluators"], obj.get("sweeps", {}))
 
 
+def _added_steps(steps: list[dict[str, Any]], run_steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The re-compression steps :func:`with_recompression` inserted (run_steps minus the composition's own)."""
+    added, i = [], 0
+    for s in run_steps:
+        if i < len(steps) and s == steps[i]:
+            i += 1
+        else:
+            added.append(s)
+    return added
+
+
 def node_id(steps: list[dict[str, Any]]) -> str:
     """Short stable id of a step sequence (data-independent; the store key adds data digests)."""
     return "n" + digest_of(steps)[:12] if steps else "base"
@@ -94,6 +105,50 @@ def describe_step(step: dict[str, Any], swept: str | None = None) -> str:
     if swept and swept in step["params"]:
         return f"{step['method']}({swept}={step['params'][swept]})"
     return step["method"]
+
+
+def _is_compressor(step: dict[str, Any]) -> bool:
+    from shared.interventions import get_intervention
+    from shared.interventions.base import Category
+
+    return get_intervention(step["method"]).category == Category.COMPRESS
+
+
+def with_recompression(steps: list[dict[str, Any]], policy: str) -> list[dict[str, Any]]:
+    """The steps actually run for a composition under a re-compression policy.
+
+    When a compressor precedes an edit or unlearning step, that step moves the
+    weights off the quantization grid and revives pruned weights.  The paper
+    therefore re-applies the compressor at the end of the composition; the
+    steps added here go right after the last non-compression step, so
+    compressors that already follow it (e.g. ``wanda > ft > gptq``) still act
+    on the re-compressed model:
+
+    * ``reapply`` -- every earlier compressor again, same parameters, in order
+      (``gptq > ft`` runs ``gptq > ft > gptq``; fresh calibration and grid);
+    * ``reproject`` -- one ``reproject`` step restoring the recorded grid and
+      mask (``gptq > ft > reproject``);
+    * ``none`` -- nothing added.
+    """
+    if policy == "none":
+        return list(steps)
+    last_other = max((i for i, s in enumerate(steps) if not _is_compressor(s)), default=-1)
+    if last_other < 0:
+        return list(steps)
+    earlier = [s for s in steps[:last_other] if _is_compressor(s)]
+    if not earlier:
+        return list(steps)
+    if policy == "reproject":
+        extra = [{"method": "reproject", "params": {}}]
+    elif policy == "reapply":
+        extra, seen = [], set()
+        for s in earlier:
+            if canonical_json(s) not in seen:
+                seen.add(canonical_json(s))
+                extra.append(s)
+    else:
+        raise ValueError(f"unknown recompress policy {policy!r}; allowed: reapply, reproject, none")
+    return steps[: last_other + 1] + extra + steps[last_other + 1 :]
 
 
 def build_plan(spec: ExperimentSpec) -> Plan:
@@ -124,16 +179,20 @@ def build_plan(spec: ExperimentSpec) -> Plan:
             continue
         seen_compositions.add(key)
         unique.append(comp)
+        run_steps = with_recompression(comp["steps"], spec.compositions.recompress)
+        comp["recompress"] = ">".join(s["method"] for s in _added_steps(comp["steps"], run_steps))
         parent = None
-        for depth in range(len(comp["steps"]) + 1):
-            prefix = comp["steps"][:depth]
+        for depth in range(len(run_steps) + 1):
+            prefix = run_steps[:depth]
             nid = node_id(prefix)
             if nid not in nodes:
                 nodes[nid] = Node(nid, prefix, parent)
             parent = nid
         comp["node"] = parent
         comp["label"] = " > ".join(describe_step(s, sweeps.get(s["method"])) for s in comp["steps"]) or "base"
-        nodes[parent].compositions.append({k: comp[k] for k in ("names", "sweep", "label")})
+        if comp["recompress"]:
+            comp["label"] += f" (re-compressed: {comp['recompress'].replace('>', ', ')})"
+        nodes[parent].compositions.append({k: comp[k] for k in ("names", "sweep", "label", "recompress")})
     # parents before children, base first, then by depth (stable within a depth)
     ordered = dict(sorted(nodes.items(), key=lambda kv: kv[1].depth))
     return Plan(spec.name, ordered, unique, list(spec.evaluation.evaluators), sweeps)

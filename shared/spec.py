@@ -81,7 +81,8 @@ class InterventionSpec(BaseModel):
                 err = exc.errors()[0]
                 loc = ".".join(str(p) for p in err["loc"])
                 where = f"sweep.{loc}[{self.sweep[loc].index(setting[loc])}]" if loc in self.sweep else f"params.{loc}"
-                raise ValueError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+                msg = err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{where}: {msg} (got {err.get('input')!r})") from None
         return self
 
     def settings_raw(self) -> list[dict[str, Any]]:
@@ -116,12 +117,19 @@ class CompositionSpec(BaseModel):
     * ``cross``: every ordered pair (i, j) with i and j from different ``groups``
       (the paper's editor x compressor studies), both orders.
     Each intervention alone and the base model are always included unless
-    switched off.
+    switched off.  ``recompress`` is the re-compression policy (see
+    :func:`shared.planner.with_recompression`).
     """
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["permutations", "cross"] = "permutations"
     groups: list[list[str]] = Field(default_factory=list)
+    recompress: Literal["reapply", "reproject", "none"] = Field(
+        "reapply",
+        description="when a compressor precedes an edit or unlearning step: 'reapply' runs the same "
+        "compressor again after it (the paper), 'reproject' snaps the weights back onto the recorded "
+        "grid and mask, 'none' leaves the model as the last step left it",
+    )
     include_singles: bool = True
     include_base: bool = True
 
@@ -199,7 +207,25 @@ class ExperimentSpec(BaseModel):
                 f"compositions.mode: 'permutations' of {len(self.interventions)} interventions gives "
                 f"{len(list(itertools.permutations(names)))} orders; use mode 'cross' with groups"
             )
+        self._check_against_model()
         return self
+
+    def _check_against_model(self) -> None:
+        """Parameters that cannot work on this model (e.g. a group size that does not divide its widths)."""
+        from shared.models import known_input_widths
+
+        widths = known_input_widths(self.model)
+        if not widths:
+            return
+        for i, entry in enumerate(self.interventions):
+            method = get_intervention(entry.method)
+            for setting in entry.steps():
+                try:
+                    method.check_model(method.parse_params(setting["params"]), widths)
+                except ValueError as exc:
+                    field = next((f for f in ("group_size",) if f in str(exc)), None)
+                    where = f"interventions[{i}]" + (f".{'sweep' if field in entry.sweep else 'params'}.{field}" if field else "")
+                    raise ValueError(f"{where}: {exc} (model {self.model})") from None
 
     def intervention(self, name: str) -> InterventionSpec:
         return next(i for i in self.interventions if i.name == name)
@@ -230,6 +256,8 @@ def _format_validation_error(exc: ValidationError) -> str:
     head, sep, rest = msg.partition(": ")
     if sep and loc and re.fullmatch(r"(sweep|params)\.[\w.\[\]]+", head):
         loc, msg = f"{loc}.{head}", rest
+    elif sep and not loc and re.fullmatch(r"interventions\[\d+\][\w.\[\]]*", head):
+        loc, msg = head, rest
     extra = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{loc or 'spec'}: {msg}{extra}"
 

@@ -20,7 +20,7 @@ def test_plan_prints_tree_and_counts(capsys):
     out = capsys.readouterr().out
     assert "wanda(sparsity=0.25)" in out and "wanda(sparsity=0.5)" in out
     assert "compositions:       8" in out
-    assert "intervention runs:  7 (naive, each composition from scratch: 11" in out
+    assert "intervention runs:  9 (naive, each composition from scratch: 13" in out
 
 
 def test_bad_spec_exits_2_with_one_line_naming_the_field(tmp_path, capsys):

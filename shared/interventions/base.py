@@ -58,10 +58,20 @@ class Intervention(ABC):
     sweep_axis: ClassVar[str | None] = None
     needs_calibration: ClassVar[bool] = False
     data_inputs: ClassVar[tuple[str, ...]] = ()
+    #: whether :meth:`apply` takes the parent checkpoint's compression state (``state=``)
+    reads_compression_state: ClassVar[bool] = False
 
     def parse_params(self, raw: dict[str, Any] | None) -> InterventionParams:
         """Validate raw parameters (raises pydantic.ValidationError naming the field)."""
         return self.params_model.model_validate(raw or {})
+
+    def check_model(self, params: Any, input_widths: set[int]) -> None:
+        """Reject parameters that cannot work on a model whose block Linear layers have these input widths.
+
+        Called when a spec is validated (if the model's shapes are known without
+        loading it) and again by :meth:`apply` before any calibration, so e.g. an
+        impossible quantization group size fails at once with a clear error.
+        """
 
     @abstractmethod
     def apply(self, model: Any, tokenizer: Any, params: Any, data: "ExperimentData") -> dict[str, Any]:
