@@ -90,6 +90,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from shared.export import export_compressed
+    from shared.store import open_store
+
+    store_uri = args.store or os.environ.get("LMCOMPOSE_STORE") or DEFAULT_STORE
+    folder, _ = open_store(store_uri).get_checkpoint(args.model_key)
+    try:
+        facts = export_compressed(folder, Path(args.out))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    print(f"exported {args.model_key} to {args.out} ({facts['format']})")
+    print(f"weights on disk: {mb(facts['bytes'])} (dense checkpoint: {mb(facts['dense_bytes'])}, "
+          f"ratio {facts['bytes'] / facts['dense_bytes']:.2f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcompose", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of each step")
@@ -112,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--store", help="store URI the pipeline will use")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("export", help="write a compressed checkpoint in its packed format (compressed-tensors)")
+    p.add_argument("model_key", help="checkpoint key, e.g. from the model_key column of results.csv")
+    p.add_argument("--out", required=True, help="output folder (loadable with transformers' from_pretrained)")
+    p.add_argument("--store", help=f"store URI (default: $LMCOMPOSE_STORE or {DEFAULT_STORE})")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="build the composability report from a results table")
     p.add_argument("--results", required=True, help="results table (.csv or .parquet)")

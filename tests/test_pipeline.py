@@ -19,6 +19,9 @@ TINY_SPEC = {
         {"method": "wanda", "params": {"num_calibration_samples": 4, "calibration_seq_len": 32},
          "sweep": {"sparsity": [0.25, 0.5]}},
     ],
+    # no re-compression here: this test checks that ft after wanda revives pruned weights
+    # (tests/test_compression_pipeline.py covers the re-compression policies)
+    "compositions": {"recompress": "none"},
     "evaluation": {"evaluators": ["compression", "perplexity"], "batch_size": 4, "max_length": 32},
     "data": {"num_edits": 4},
 }

@@ -109,13 +109,26 @@ def _restore_plain_model(model: Any, hooks_before: int) -> None:
       *instance* attribute that compresses on save and writes a recipe; deleting
       it brings back the class's ordinary method, so checkpoints are plain dense
       safetensors.
+    * ``oneshot`` dispatches the model through compressed-tensors' offloading
+      (each module's ``_parameters`` becomes an offload cache and its
+      ``forward`` a wrapper); the dispatch is removed and the plain forwards
+      restored, so training or saving the model afterwards sees ordinary
+      ``nn.Module`` parameters.  (Quantization wrappers are removed later by
+      :func:`shared.compression_state.snap_and_strip_quantized`, which needs
+      the scales first.)
     * The global llm-compressor session still holds the recipe and modifier
       state; it is reset so a later compressor in the same process starts clean.
     """
+    from compressed_tensors.offload import remove_dispatch
     from llmcompressor.core import reset_session
 
     if "save_pretrained" in vars(model):
         del model.save_pretrained
+    remove_dispatch(model)
+    for module in model.modules():
+        bound = vars(module).get("forward")
+        if bound is not None and getattr(bound, "__func__", None) is type(module).forward:
+            del module.forward  # an instance attribute that is just the class's own forward
     reset_session()
     if _hook_count(model) != hooks_before:
         raise RuntimeError("llm-compressor left forward hooks on the model")

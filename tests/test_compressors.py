@@ -1,0 +1,150 @@
+"""Each compressor on the built-in SmolLM2-135M: exact sparsity, on-grid weights, perplexity bounds.
+
+Perplexity is measured like ``benchmarks/compressors.py`` (float32, the
+built-in held-out text, windows of 256 tokens) but with 16 calibration
+windows instead of 32 to keep the suite short.  Measured on this CPU (see
+``docs/compression.md``): base 29.57; GPTQ 8-bit and AWQ 8-bit within 0.5 %
+of the base; GPTQ / AWQ 4-bit (group 64) about +10 %; SparseGPT 50 % about
+1.8x.  The bounds below leave room for calibration noise but would catch a
+broken grid, a wrong mask or a lost layer.
+
+A fast test on the tiny model covers each method's mechanics in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.compression_state import grid_distance, grid_layers, mask_layers, project_to_grid, quantization_args
+from shared.data import ExperimentData
+from shared.evaluation.compression import measure_compression
+from shared.evaluation.perplexity import perplexity
+from shared.interventions import get_intervention
+from shared.models import block_linear_weights, load_model
+
+CALIB = {"num_calibration_samples": 16, "calibration_seq_len": 256}
+TINY_CALIB = {"num_calibration_samples": 4, "calibration_seq_len": 32}
+DATA = ExperimentData()
+
+
+def _ppl(model, tok) -> float:
+    return perplexity(model, tok, DATA.texts("perplexity"), max_length=256)
+
+
+def _args(record):
+    c = record["compression"]
+    return quantization_args(c["bits"], c["group_size"], c["symmetric"])
+
+
+@pytest.fixture(scope="module")
+def base_ppl(smollm2_dir: Path) -> float:
+    model, tok = load_model(smollm2_dir)
+    return _ppl(model, tok)
+
+
+def _check_on_grid(model, record) -> None:
+    """Every block Linear weight lies on its recorded grid: re-projecting with the recorded scales changes nothing."""
+    state = record["state"]["tensors"]
+    assert sorted(grid_layers(state)) == sorted(n.removesuffix(".weight") for n in block_linear_weights(model))
+    args = _args(record)
+    assert grid_distance(model, state, args) < 1e-6
+    before = {n: w.detach().clone() for n, w in block_linear_weights(model).items()}
+    assert project_to_grid(model, state, args) < 1e-6
+    for n, w in block_linear_weights(model).items():
+        assert torch.allclose(w, before[n], atol=1e-6, rtol=0), n
+    # and each group uses at most 2**bits distinct values
+    w = next(iter(block_linear_weights(model).values()))
+    g = record["compression"]["group_size"]
+    assert max(len(torch.unique(row)) for row in w[:8].reshape(-1, g)) <= 2 ** record["compression"]["bits"]
+
+
+def _check_exact_sparsity(model, record, sparsity: float) -> None:
+    state = record["state"]["tensors"]
+    assert sorted(mask_layers(state)) == sorted(block_linear_weights(model))
+    for name, w in block_linear_weights(model).items():
+        # per output row: int(in * sparsity) zeros, so the layer's fraction is exact up to 1/in
+        assert float((w == 0).float().mean()) == pytest.approx(sparsity, abs=1.0 / w.shape[1] + 1e-3), name
+    assert measure_compression(model, record["compression"])["sparsity"] == pytest.approx(sparsity, abs=0.002)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "gptq", "awq"])
+def test_compressor_mechanics_on_tiny_model(tiny_dir: Path, method: str) -> None:
+    model, tok = load_model(tiny_dir)
+    head = model.lm_head.weight.detach().clone()
+    impl = get_intervention(method)
+    params = {"sparsity": 0.5} if method == "sparsegpt" else {"bits": 4, "group_size": 64}
+    record = impl.apply(model, tok, impl.parse_params({**params, **TINY_CALIB}), DATA)
+    assert torch.equal(model.lm_head.weight, head)  # the LM head / embeddings stay dense
+    # a plain transformers model again: no quantization attributes or wrapped forwards left
+    for module in model.modules():
+        assert not hasattr(module, "quantization_scheme") and "forward" not in vars(module)
+        assert not any(n.endswith(("_scale", "_zero_point")) for n, _ in module.named_parameters(recurse=False))
+    if method == "sparsegpt":
+        _check_exact_sparsity(model, record, 0.5)
+    else:
+        _check_on_grid(model, record)
+        assert measure_compression(model, record["compression"])["avg_bits"] == pytest.approx(4 + 32 / 64)
+
+
+def test_group_size_is_checked_before_calibration(tiny_dir: Path) -> None:
+    model, tok = load_model(tiny_dir)
+    gptq = get_intervention("gptq")
+    with pytest.raises(ValueError, match="group_size 48 does not divide the input width"):
+        gptq.apply(model, tok, gptq.parse_params({"group_size": 48, **TINY_CALIB}), DATA)
+
+
+def test_pin_memory_workaround_is_scoped_to_cpu_only_calls() -> None:
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    from shared.interventions._llmcompressor import _no_pinned_memory_without_accelerator
+
+    original = IntermediatesCache.pin_memory
+    with _no_pinned_memory_without_accelerator():
+        if torch.accelerator.is_available():
+            assert IntermediatesCache.pin_memory is original
+        else:
+            assert IntermediatesCache.pin_memory is not original
+            assert IntermediatesCache.pin_memory(object(), 0) is None  # a no-op, whatever the cache holds
+    assert IntermediatesCache.pin_memory is original
+
+
+@pytest.mark.slow
+def test_sparsegpt_half_sparsity_smollm2(smollm2_dir: Path, base_ppl: float) -> None:
+    model, tok = load_model(smollm2_dir)
+    wanda_like = copy.deepcopy(block_linear_weights(model))
+    impl = get_intervention("sparsegpt")
+    record = impl.apply(model, tok, impl.parse_params({"sparsity": 0.5, **CALIB}), DATA)
+    _check_exact_sparsity(model, record, 0.5)
+    # SparseGPT reconstructs: kept weights are updated, not just masked
+    name = "model.layers.3.mlp.down_proj.weight"
+    kept = block_linear_weights(model)[name] != 0
+    assert not torch.equal(block_linear_weights(model)[name][kept], wanda_like[name][kept])
+    ppl = _ppl(model, tok)
+    assert base_ppl < ppl < 2.5 * base_ppl, ppl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_8bit_quantization_keeps_perplexity_within_2_percent(smollm2_dir: Path, base_ppl: float, method: str) -> None:
+    model, tok = load_model(smollm2_dir)
+    impl = get_intervention(method)
+    record = impl.apply(model, tok, impl.parse_params({"bits": 8, **CALIB}), DATA)
+    _check_on_grid(model, record)
+    assert measure_compression(model, record["compression"])["avg_bits"] == pytest.approx(8.5)
+    ppl = _ppl(model, tok)
+    assert abs(ppl - base_ppl) / base_ppl < 0.02, (ppl, base_ppl)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_4bit_quantization_on_grid_and_bounded_perplexity(smollm2_dir: Path, base_ppl: float, method: str) -> None:
+    model, tok = load_model(smollm2_dir)
+    impl = get_intervention(method)
+    record = impl.apply(model, tok, impl.parse_params({"bits": 4, **CALIB}), DATA)
+    _check_on_grid(model, record)
+    ppl = _ppl(model, tok)
+    assert base_ppl < ppl < 1.35 * base_ppl, (ppl, base_ppl)
