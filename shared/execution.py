@@ -136,10 +136,16 @@ def run_step(
     parent_state, parent_grid_args = load_state(folder)
     torch.manual_seed(0)
     started = time.time()
+    extra: dict[str, Any] = {}
     if method.reads_compression_state:
-        record = method.apply(model, tokenizer, params, data, state=(parent_state, parent_grid_args)) or {}
-    else:
-        record = method.apply(model, tokenizer, params, data) or {}
+        extra["state"] = (parent_state, parent_grid_args)
+    if method.uses_tensor_cache:
+        from shared.cache import cached_tensors
+        from shared.models import model_digest
+
+        content = model_digest(model)  # statistics belong to this exact model state, never to a name
+        extra["cache"] = lambda name, config, compute: cached_tensors(store, name, content, config, compute)
+    record = method.apply(model, tokenizer, params, data, **extra) or {}
     seconds = time.time() - started
     log.info("applied %s in %.1f s", method.name, seconds)
 

@@ -60,6 +60,8 @@ class Intervention(ABC):
     data_inputs: ClassVar[tuple[str, ...]] = ()
     #: whether :meth:`apply` takes the parent checkpoint's compression state (``state=``)
     reads_compression_state: ClassVar[bool] = False
+    #: whether :meth:`apply` takes ``cache=``: a store-backed tensor cache keyed by the model's content
+    uses_tensor_cache: ClassVar[bool] = False
 
     def parse_params(self, raw: dict[str, Any] | None) -> InterventionParams:
         """Validate raw parameters (raises pydantic.ValidationError naming the field)."""
