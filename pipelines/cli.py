@@ -58,6 +58,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
+    from shared.interventions import available
     from shared.report import console_table, load_results
     from shared.spec import load_spec
 
@@ -67,10 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     report_dir = run_local(spec, store_uri, out)
     results = load_results(report_dir / "results.csv")
+    categories = {name: m.category.value for name, m in available().items()}
     print()
     print("Composability per pair and setting (first>second: the first-named method applied first;")
     print("OFE: order-free error, OS: order sensitivity; lower is better for both):")
-    print(console_table(results))
+    print(console_table(results, categories))
     print()
     print(f"finished in {time.time() - started:.0f} s")
     print(f"report:  {report_dir / 'report.md'}")

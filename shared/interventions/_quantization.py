@@ -1,9 +1,9 @@
 """What GPTQ and AWQ share: bit width and group parameters, the group-size check, the record.
 
 Both quantize the weights of every Linear layer inside the transformer blocks
-to signed integers with one scale and one zero point per output row and group
-of ``group_size`` input columns (asymmetric by default, as in the paper's
-GPTQ and AWQ runs).  The result is kept dense: each weight is replaced by its
+to signed integers with one scale (and, asymmetric, one zero point) per output
+row and group of ``group_size`` input columns -- GPTQ symmetric and AWQ
+asymmetric by default, as in the paper.  The result is kept dense: each weight is replaced by its
 dequantized grid value (:func:`shared.compression_state.snap_and_strip_quantized`)
 and the scales and zero points go to the checkpoint's compression state, from
 which the packed export (:mod:`shared.export`) and re-projection work.

@@ -27,7 +27,9 @@ GPTQ_BITS = (2, 3, 4, 8)
 
 
 class GPTQParams(QuantizationParams):
-    """Hyperparameters of GPTQ (defaults: 4 bits, groups of 64, the original algorithm's settings)."""
+    """Hyperparameters of GPTQ (defaults: 4 bits, groups of 64, symmetric, the original algorithm's settings)."""
+
+    symmetric: bool = Field(True, description="symmetric grid (the paper's GPTQ setting); false adds a zero point")
 
     block_size: int = Field(128, ge=1, description="columns quantized together before the error is propagated")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, as a fraction of its mean diagonal")
