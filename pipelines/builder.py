@@ -76,9 +76,15 @@ def build_pipeline(
     if kubernetes is None:
         kubernetes = store_uri.startswith("s3://")
     all_tasks: list[Any] = []
-    data_json = spec.data.model_dump_json()
+    # one data JSON per edit batch: the tasks of batch b read edit batch b
+    batch_data = [spec.data.for_batch(b).model_dump_json() for b in range(plan.num_batches)]
+    data_json = batch_data[0]
     options_json = json.dumps(evaluation_options(spec), sort_keys=True)
     plan_json = json.dumps(plan.to_json(), sort_keys=True)
+    batched = plan.num_batches > 1
+
+    def batch_label(b: int) -> str:
+        return f" [batch {b}]" if batched else ""
 
     @dsl.pipeline(name=pipeline_name(spec), description=spec.description or f"lm-compose experiment {spec.name}")
     def pipeline(store_uri: str = store_uri) -> None:
@@ -86,37 +92,59 @@ def build_pipeline(
         base.set_display_name("base model")
         all_tasks.append(base)
         base_digest = base.outputs["base_digest"]
-        keys = {"base": base.outputs["model_key"]}
+        # (node id, batch) -> checkpoint key; a node whose steps do not read the edits is
+        # computed once (batch 0) and shared by every batch
+        keys = {("base", 0): base.outputs["model_key"]}
         interventions = [base]
         for node in plan.step_nodes:
             step = node.steps[-1]
-            task = intervention_component(step["method"])(
-                store_uri=store_uri,
-                base_digest=base_digest,
-                parent_key=keys[node.parent],
-                steps=json.dumps(node.steps, sort_keys=True),
-                data=data_json,
-                trust_remote_code=spec.trust_remote_code,
-            )
-            task.set_display_name(" > ".join(describe_step(s, plan.sweeps.get(s["method"])) for s in node.steps))
-            keys[node.id] = task.output
-            interventions.append(task)
-            all_tasks.append(task)
-        # evaluations: one loop over the evaluated models (constant step lists), every evaluator inside;
-        # they start once all interventions are done and run side by side (kfp.local: two at a time)
-        with dsl.ParallelFor(items=[json.dumps(n.steps, sort_keys=True) for n in plan.evaluated_nodes],
-                             parallelism=spec.evaluation.parallelism) as steps:
-            evaluations = []
-            for name in plan.evaluators:
-                # the base model is named by its source, not by prepare_base's output: kfp.local 2.17
-                # hands a loop body the loop item in place of an outer task's output parameter
-                task = evaluator_component(name)(
-                    store_uri=store_uri, model_source=spec.model, steps=steps, data=data_json, options=options_json
+            for b in range(plan.batches_of(node)):
+                parent = keys.get((node.parent, b), keys.get((node.parent, 0)))
+                task = intervention_component(step["method"])(
+                    store_uri=store_uri,
+                    base_digest=base_digest,
+                    parent_key=parent,
+                    steps=json.dumps(node.steps, sort_keys=True),
+                    data=batch_data[b],
+                    trust_remote_code=spec.trust_remote_code,
                 )
-                task.set_display_name(f"eval {name}")
-                task.after(*interventions)
-                evaluations.append(task)
+                task.set_display_name(
+                    " > ".join(describe_step(s, plan.sweeps.get(s["method"])) for s in node.steps)
+                    + (batch_label(b) if plan.batches_of(node) > 1 else "")
+                )
+                keys[(node.id, b)] = task.output
+                interventions.append(task)
                 all_tasks.append(task)
+        # evaluations: loops over the evaluated models (constant step lists), the evaluators inside;
+        # they start once all interventions are done and run side by side (kfp.local: two at a time).
+        # Batch 0 evaluates everything; a further batch re-evaluates what depends on its edits only.
+        evaluations = []
+        for b in range(plan.num_batches):
+            if b == 0:  # every model, every evaluator
+                groups = [(list(plan.evaluated_nodes), list(plan.evaluators))]
+            else:  # models edited with batch b: everything; shared models: the evaluators reading the edits
+                dependent = [n for n in plan.evaluated_nodes if plan.batches_of(n) > 1]
+                shared = [n for n in plan.evaluated_nodes if plan.batches_of(n) == 1]
+                groups = [
+                    (dependent, list(plan.evaluators)),
+                    (shared, [e for e in plan.evaluators if shared and plan.evaluation_batches(shared[0], e) > 1]),
+                ]
+            for nodes, evaluators in groups:
+                if not nodes or not evaluators:
+                    continue
+                with dsl.ParallelFor(items=[json.dumps(n.steps, sort_keys=True) for n in nodes],
+                                     parallelism=spec.evaluation.parallelism) as steps:
+                    for name in evaluators:
+                        # the base model is named by its source, not by prepare_base's output: kfp.local 2.17
+                        # hands a loop body the loop item in place of an outer task's output parameter
+                        task = evaluator_component(name)(
+                            store_uri=store_uri, model_source=spec.model, steps=steps, data=batch_data[b],
+                            options=options_json,
+                        )
+                        task.set_display_name(f"eval {name}{batch_label(b)}")
+                        task.after(*interventions)
+                        evaluations.append(task)
+                        all_tasks.append(task)
         agg = aggregate(store_uri=store_uri, base_digest=base_digest, plan=plan_json, data=data_json, options=options_json)
         agg.set_display_name("composability report")
         agg.after(*evaluations)

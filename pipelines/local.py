@@ -46,7 +46,7 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
     key = report_key(
         digest,
         json.dumps(plan.to_json(), sort_keys=True),
-        spec.data.model_dump_json(),
+        spec.data.for_batch(0).model_dump_json(),  # what the aggregator was given
         json.dumps(evaluation_options(spec), sort_keys=True),
     )
     folder, _ = open_store(store_uri).get_checkpoint(key)

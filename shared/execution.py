@@ -263,11 +263,51 @@ def evaluate_steps(
 
 
 def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):
-    """The results table (docs/results-schema.md) of a plan, read from the store.
+    """The results table (docs/results-schema.md) of a plan, read from the store: one row per composition.
+
+    With several edit batches (``data.num_batches``) each criterion is the
+    mean over the batches, ``model_key`` lists the batches' checkpoint keys
+    joined by ``+``, and ``num_batches`` says how many were averaged; the rows
+    of the single batches are :func:`collect_batch_results`.
+    """
+    from shared.criteria import CRITERIA
+
+    by_batch = collect_batch_results(store_uri, base_digest, plan_json, data_json, options_json)
+    return average_over_batches(by_batch, list(CRITERIA))
+
+
+def average_over_batches(by_batch: Any, criteria: list[str]) -> Any:
+    """One row per composition from per-batch rows: criteria averaged (the paper averaged 10 batches)."""
+    first = by_batch.groupby("composition", sort=False).first()
+    keys = by_batch.groupby("composition", sort=False)["model_key"].agg(lambda ks: "+".join(dict.fromkeys(ks)))
+    means = by_batch.groupby("composition", sort=False)[criteria].mean()
+    counts = by_batch.groupby("composition", sort=False)["edit_batch"].nunique()
+    out = first.drop(columns=["edit_batch"])
+    out[criteria] = means
+    out["model_key"] = keys
+    out["num_batches"] = counts
+    return out.reset_index()[[c for c in by_batch.columns if c != "edit_batch"] + ["num_batches"]]
+
+
+def collect_batch_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):
+    """The per-batch results table: one row per composition and edit batch (column ``edit_batch``).
 
     A missing evaluation is an error: the aggregator runs after every
     evaluation task, so a gap means a task failed and the table would lie.
     """
+    import pandas as pd
+
+    plan_obj = json.loads(plan_json)
+    config = _data(data_json).config
+    frames = []
+    for b in range(plan_obj.get("num_batches", 1)):
+        frame = _collect_one_batch(store_uri, base_digest, plan_json, ExperimentData(config.for_batch(b)), options_json)
+        frame.insert(1, "edit_batch", b)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _collect_one_batch(store_uri: str, base_digest: str, plan_json: str, data: ExperimentData, options_json: str):
     import math
 
     import pandas as pd
@@ -277,7 +317,6 @@ def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json:
 
     store = open_store(store_uri)
     plan = Plan.from_json(json.loads(plan_json))
-    data = _data(data_json)
     options = json.loads(options_json) if isinstance(options_json, str) else options_json
     max_steps = max((len(c["steps"]) for c in plan.compositions), default=0)
     rows = []
@@ -328,10 +367,16 @@ def aggregate(
     from shared.interventions import available
     from shared.report import build_report
 
-    results = collect_results(store_uri, base_digest, plan_json, data_json, options_json)
+    from shared.criteria import CRITERIA
+
+    by_batch = collect_batch_results(store_uri, base_digest, plan_json, data_json, options_json)
+    results = average_over_batches(by_batch, list(CRITERIA))
     categories = {name: m.category.value for name, m in available().items()}
     plan = json.loads(plan_json)
     paths = build_report(results, Path(out_dir), title=title or f"lm-compose report: {plan['spec_name']}", categories=categories)
+    if plan.get("num_batches", 1) > 1:  # the averaged rows are results.csv; keep what they average
+        by_batch.to_csv(Path(out_dir) / "results_by_batch.csv", index=False)
+        paths["results_by_batch"] = Path(out_dir) / "results_by_batch.csv"
     store = open_store(store_uri)
     store.put_checkpoint(report_key(base_digest, plan_json, data_json, options_json), Path(out_dir), {"spec_name": plan["spec_name"]})
     return {k: str(v) for k, v in paths.items()}
@@ -356,5 +401,9 @@ def completed_nodes(store_uri: str, spec: Any, plan: Any) -> set[str]:
         digest = base_digest_in_store(store_uri, spec.model)
     except KeyError:
         return set()
-    data = ExperimentData(spec.data)
-    return {n.id for n in plan.nodes.values() if store.has_checkpoint(model_key_for(digest, n.steps, data))}
+    batches = [ExperimentData(spec.data.for_batch(b)) for b in range(spec.data.num_batches)]
+    return {
+        n.id
+        for n in plan.nodes.values()
+        if all(store.has_checkpoint(model_key_for(digest, n.steps, data)) for data in batches[: plan.batches_of(n)])
+    }

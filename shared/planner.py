@@ -49,6 +49,7 @@ class Plan:
     compositions: list[dict[str, Any]]
     evaluators: list[str]
     sweeps: dict[str, str] = field(default_factory=dict)  # method -> swept parameter
+    num_batches: int = 1  # edit batches (data.num_batches): edit-dependent work is repeated per batch
 
     @property
     def step_nodes(self) -> list[Node]:
@@ -58,15 +59,26 @@ class Plan:
     def evaluated_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.compositions]
 
+    def batches_of(self, node: Node) -> int:
+        """How many times ``node`` is computed: once per edit batch if a step on its path reads the edits."""
+        return self.num_batches if reads_edits(node.steps) else 1
+
+    def evaluation_batches(self, node: Node, evaluator: str) -> int:
+        """How many times ``evaluator`` runs on ``node``: per batch if the model or the evaluator uses the edits."""
+        from shared.evaluation import EVALUATOR_DATA
+
+        return self.num_batches if "edits" in EVALUATOR_DATA[evaluator] else self.batches_of(node)
+
     def counts(self) -> dict[str, int]:
-        """Work in this plan versus running every composition from scratch."""
+        """Work in this plan versus running every composition from scratch (every batch counted)."""
         n_eval = len(self.evaluators)
         return {
             "compositions": len(self.compositions),
-            "intervention_runs": len(self.step_nodes),
-            "intervention_runs_naive": sum(self.nodes[c["node"]].depth for c in self.compositions),
-            "evaluations": len(self.evaluated_nodes) * n_eval,
-            "evaluations_naive": len(self.compositions) * n_eval,
+            "batches": self.num_batches,
+            "intervention_runs": sum(self.batches_of(n) for n in self.step_nodes),
+            "intervention_runs_naive": self.num_batches * sum(self.nodes[c["node"]].depth for c in self.compositions),
+            "evaluations": sum(self.evaluation_batches(n, e) for n in self.evaluated_nodes for e in self.evaluators),
+            "evaluations_naive": self.num_batches * len(self.compositions) * n_eval,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -76,12 +88,16 @@ class Plan:
             "nodes": [n.to_json() for n in self.nodes.values()],
             "compositions": self.compositions,
             "sweeps": self.sweeps,
+            "num_batches": self.num_batches,
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Plan":
         nodes = {n["id"]: Node(n["id"], n["steps"], n["parent"], n["compositions"]) for n in obj["nodes"]}
-        return cls(obj["spec_name"], nodes, obj["compositions"], obj["evaluators"], obj.get("sweeps", {}))
+        return cls(
+            obj["spec_name"], nodes, obj["compositions"], obj["evaluators"], obj.get("sweeps", {}),
+            obj.get("num_batches", 1),
+        )
 
 
 def _added_steps(steps: list[dict[str, Any]], run_steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -105,6 +121,13 @@ def describe_step(step: dict[str, Any], swept: str | None = None) -> str:
     if swept and swept in step["params"]:
         return f"{step['method']}({swept}={step['params'][swept]})"
     return step["method"]
+
+
+def reads_edits(steps: list[dict[str, Any]]) -> bool:
+    """Whether any of ``steps`` reads the edit batch (then the model differs from batch to batch)."""
+    from shared.interventions import get_intervention
+
+    return any("edits" in get_intervention(s["method"]).data_inputs for s in steps)
 
 
 def _is_compressor(step: dict[str, Any]) -> bool:
@@ -195,7 +218,7 @@ def build_plan(spec: ExperimentSpec) -> Plan:
         nodes[parent].compositions.append({k: comp[k] for k in ("names", "sweep", "label", "recompress")})
     # parents before children, base first, then by depth (stable within a depth)
     ordered = dict(sorted(nodes.items(), key=lambda kv: kv[1].depth))
-    return Plan(spec.name, ordered, unique, list(spec.evaluation.evaluators), sweeps)
+    return Plan(spec.name, ordered, unique, list(spec.evaluation.evaluators), sweeps, spec.data.num_batches)
 
 
 def format_plan(plan: Plan, done: set[str] | None = None) -> str:
@@ -220,7 +243,8 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     saved = lambda a, b: f"{(1 - a / b) * 100:.0f}% saved" if b else "n/a"  # noqa: E731
     lines += [
         "",
-        f"compositions:       {c['compositions']}",
+        f"compositions:       {c['compositions']}"
+        + (f" (x {c['batches']} edit batches; edit-dependent steps run once per batch)" if c["batches"] > 1 else ""),
         f"intervention runs:  {c['intervention_runs']} (naive, each composition from scratch: "
         f"{c['intervention_runs_naive']}; {saved(c['intervention_runs'], c['intervention_runs_naive'])})",
         f"evaluations:        {c['evaluations']} (naive: {c['evaluations_naive']}; "

@@ -376,6 +376,11 @@ def build_report(
 
     pairs = pair_table(results, categories)
     notes: list[str] = list(pairs.attrs.get("notes", []))
+    if "num_batches" in results.columns and len(results) and int(results["num_batches"].max()) > 1:
+        notes.append(
+            f"Every criterion is the mean over {int(results['num_batches'].max())} disjoint edit batches "
+            "(results_by_batch.csv holds the single batches); the metrics are computed on the means."
+        )
     integrated = integrated_table(pairs)
     if floor:
         restricted = integrated_table(pairs, floor=floor, results=results)

@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
@@ -134,7 +134,27 @@ class DataConfig(BaseModel):
     calibration: str = "builtin"
     perplexity: str = "builtin"
     num_edits: int = Field(10, ge=1, description="edits per batch")
-    edit_seed: int = Field(0, description="seed choosing which records form the batch")
+    edit_seed: int = Field(0, description="seed choosing which records form the batches")
+    num_batches: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="disjoint edit batches; every composition is run once per batch and the "
+        "results are averaged over the batches (the paper: 10 batches of 50 edits)",
+    )
+    edit_batch: int = Field(
+        0, ge=0, description="the batch a pipeline task works on (set by the pipeline, one value per batch)"
+    )
+
+    @model_validator(mode="after")
+    def _batch_in_range(self) -> "DataConfig":
+        if self.edit_batch >= self.num_batches:
+            raise ValueError(f"edit_batch ({self.edit_batch}) must be below num_batches ({self.num_batches})")
+        return self
+
+    def for_batch(self, batch: int) -> "DataConfig":
+        """The same data with edit batch ``batch`` selected (what the pipeline hands batch ``batch``'s tasks)."""
+        return self.model_validate({**self.model_dump(), "edit_batch": batch})
 
     def paths(self) -> dict[str, Path]:
         return {name: resolve_path(name, getattr(self, name)) for name in BUILTIN_FILES}
@@ -143,11 +163,12 @@ class DataConfig(BaseModel):
         """Fail early (before any model work) if a data file is missing or malformed."""
         for name in BUILTIN_FILES:
             rows = load_field(name, getattr(self, name))
-            if name == "edits" and len(rows) < self.num_edits:
-                raise DataError(
-                    f"data.num_edits={self.num_edits} but {resolve_path(name, self.edits)} "
-                    f"has only {len(rows)} records"
+            needed = self.num_edits * self.num_batches
+            if name == "edits" and len(rows) < needed:
+                what = f"data.num_edits={self.num_edits}" + (
+                    f" x data.num_batches={self.num_batches} (disjoint batches) = {needed}" if self.num_batches > 1 else ""
                 )
+                raise DataError(f"{what} but {resolve_path(name, self.edits)} has only {len(rows)} records")
 
 
 @dataclass
@@ -163,17 +184,34 @@ class ExperimentData:
         """Content digest of a data input, including the selection for ``edits``."""
         base = file_digest(self.path(name))
         if name == "edits":
-            base = hashlib.sha256(f"{base}:{self.config.num_edits}:{self.config.edit_seed}".encode()).hexdigest()
+            selection = f"{base}:{self.config.num_edits}:{self.config.edit_seed}"
+            if self.config.edit_batch:  # batch 0 keeps the key it had before batches existed
+                selection += f":batch{self.config.edit_batch}"
+            base = hashlib.sha256(selection.encode()).hexdigest()
         return base
 
     @cached_property
     def edits(self) -> list[EditRecord]:
-        """The edit batch: ``num_edits`` records chosen with ``edit_seed``."""
+        """The edit batch ``edit_batch``: ``num_edits`` records, disjoint from the other batches.
+
+        Batches are drawn one after another from the records not yet chosen,
+        with one random generator seeded by ``edit_seed``; so batch ``b``
+        depends on the seed and ``b`` only, never on ``num_batches``, and batch
+        0 is the single batch a one-batch experiment uses.
+        """
+        n, b = self.config.num_edits, self.config.edit_batch
         records = load_field("edits", self.config.edits)
-        if len(records) < self.config.num_edits:
-            raise DataError(f"need {self.config.num_edits} edits, {self.path('edits')} has {len(records)}")
+        if len(records) < n * (b + 1):
+            raise DataError(
+                f"edit batch {b} of {n} edits needs {n * (b + 1)} records, {self.path('edits')} has {len(records)}"
+            )
         rng = random.Random(self.config.edit_seed)
-        return rng.sample(records, self.config.num_edits)
+        remaining = list(records)
+        for _ in range(b + 1):
+            batch = rng.sample(remaining, n)
+            chosen = {id(r) for r in batch}
+            remaining = [r for r in remaining if id(r) not in chosen]
+        return batch
 
     def texts(self, name: str) -> list[str]:
         return [row.text for row in load_field(name, getattr(self.config, name))]
