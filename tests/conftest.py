@@ -32,6 +32,25 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def utility_and_perplexity(model, tokenizer) -> dict[str, float]:
+    """Utility accuracy (built-in MCQ, lm-eval) and perplexity (built-in held-out text) in the model's dtype."""
+    from shared.data import ExperimentData
+    from shared.evaluation import EvalOptions, get_evaluator
+
+    data, options = ExperimentData(), EvalOptions()
+    out = {**get_evaluator("utility")(model, tokenizer, data, options), **get_evaluator("perplexity")(model, tokenizer, data, options)}
+    return {k: float(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2_quality(smollm2_dir: Path) -> dict[str, float]:
+    """The unedited built-in model's utility accuracy and perplexity (float32), measured once per session."""
+    from shared.models import load_model
+
+    model, tok = load_model(smollm2_dir)
+    return utility_and_perplexity(model, tok)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     try:

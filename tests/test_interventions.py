@@ -22,6 +22,7 @@ from shared.interventions.ft import build_edit_batch, target_loss
 from shared.compression_state import apply_masks, mask_layers
 from shared.interventions.wanda import measured_sparsity
 from shared.models import block_linear_weights, load_model
+from tests.conftest import utility_and_perplexity
 
 # ---------------------------------------------------------------- fixtures
 
@@ -239,7 +240,7 @@ def test_wanda_n_m_structure_tiny(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ft_edit_success_smollm2(smollm2_dir: Path) -> None:
+def test_ft_edit_success_smollm2(smollm2_dir: Path, smollm2_quality: dict) -> None:
     evaluation = pytest.importorskip("shared.evaluation.edit")
     model, tok = load_model(smollm2_dir)
     data = ExperimentData(DataConfig(num_edits=10))
@@ -250,6 +251,10 @@ def test_ft_edit_success_smollm2(smollm2_dir: Path) -> None:
     assert record["final_loss"] < record["initial_loss"]
     assert before["edit_success"] < 0.5
     assert after["edit_success"] >= 0.9, (before, after, record)
+    # collateral damage stays within the bounds measured for this editor (docs/editing.md)
+    quality = utility_and_perplexity(model, tok)
+    assert quality["utility_acc"] >= smollm2_quality["utility_acc"] - 0.03, (smollm2_quality, quality)
+    assert quality["perplexity"] <= smollm2_quality["perplexity"] * 1.02, (smollm2_quality, quality)
 
 
 @pytest.mark.slow

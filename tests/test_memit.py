@@ -34,6 +34,7 @@ from shared.interventions.memit import (
 )
 from shared.models import load_model, model_digest
 from shared.store import LocalStore
+from tests.conftest import utility_and_perplexity
 
 #: fast settings for the tiny model
 _FAST = {"v_steps": 5, "stats_tokens": 512, "stats_seq_len": 64}
@@ -301,7 +302,7 @@ def test_apply_uses_the_executor_cache(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_memit_edit_success_smollm2(smollm2_dir: Path) -> None:
+def test_memit_edit_success_smollm2(smollm2_dir: Path, smollm2_quality: dict) -> None:
     from shared.evaluation.edit import evaluate_edits
 
     model, tok = load_model(smollm2_dir)
@@ -315,3 +316,7 @@ def test_memit_edit_success_smollm2(smollm2_dir: Path) -> None:
     assert before["edit_success"] < 0.5
     assert after["edit_success"] >= 0.8, (before, after, record)
     assert after["edit_locality"] >= before["edit_locality"] - 0.2, (before, after)
+    # collateral damage stays within the bounds measured for this editor (docs/editing.md)
+    quality = utility_and_perplexity(model, tok)
+    assert quality["utility_acc"] >= smollm2_quality["utility_acc"] - 0.03, (smollm2_quality, quality)
+    assert quality["perplexity"] <= smollm2_quality["perplexity"] * 1.02, (smollm2_quality, quality)

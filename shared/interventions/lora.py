@@ -2,7 +2,7 @@
 
 The paper's LoRA editor trains an AdaLoRA adapter (Zhang et al., 2023) on the
 attention query and value projections of every layer -- Adam, lr 5e-3, 70
-steps, ``lora_alpha`` 32 -- on the whole edit batch at once, and the loss on
+steps, ``lora_alpha`` 32 (here lr 1e-3 by default, see below) -- on the whole edit batch at once, and the loss on
 the target tokens only.  ``variant="lora"`` trains a plain LoRA adapter
 (Hu et al., 2021) instead.  After training the adapter is merged into the dense
 weights (``merge_and_unload``): the model handed back is the very object that
@@ -34,8 +34,36 @@ Differences from the reference code, on purpose:
   the base model); only the adapter's own dropout (``dropout``) is active.
   Everything is deterministic given ``seed``.
 
-The defaults are tuned for the built-in SmolLM2-135M (see the table in
-:class:`LoRAParams`'s module notes below).
+The defaults keep the paper's structure (AdaLoRA on q/v of every layer, alpha
+32, 70 steps) with the learning rate scaled for the built-in SmolLM2-135M.
+Measured on the 10 built-in edits (edit_seed 0; float32; base model: success
+0.0, generalization 0.0, locality 0.4, utility accuracy 0.767, perplexity
+29.57), r 12 -> target_r 8 unless noted:
+
+==========================  =======  =====  =====  ========  =======  ==========
+setting                     seconds  succ.  gen.   locality  utility  perplexity
+==========================  =======  =====  =====  ========  =======  ==========
+lr 5e-3, 70 steps (paper)   ~100     1.0    1.0    0.1       0.662*   43.8*
+lr 5e-3, 30 steps           43       1.0    1.0    0.1       0.692    39.4
+lr 5e-3, 20 steps           28       1.0    1.0    0.1       0.669    32.6
+lr 2e-3, 40 steps           55       1.0    1.0    0.1       0.722    31.4
+**lr 1e-3, 70 steps**       97       1.0    1.0    0.2       0.722    31.0
+lr 1e-3, 50 steps           69       0.8    0.4    0.1       0.722    30.1
+lr 5e-4, 70 steps           98       0.4    0.2    0.1       0.729    29.8
+lr 1e-3, 70, r 4 -> 2       96       1.0    1.0    0.1       0.707    30.9
+lr 1e-3, 70, layers 2-6     95       0.2    0.1    0.1       0.677    30.1
+lr 2e-3, 70, layers 2-6     93       1.0    0.7    0.5       0.699    38.6
+==========================  =======  =====  =====  ========  =======  ==========
+
+(*from the editors x Wanda run, evaluated in bfloat16: base 0.759 / 29.60.)
+lr 1e-3 with the paper's 70 steps is the smallest change that reaches every
+edit and the best utility/perplexity among those that do; on a second batch
+(edit_seed 1; base locality 0.24) it gave success 1.0, generalization 0.7,
+locality 0.0, utility 0.662, perplexity 30.5.  Unlike FT and MEMIT, which
+touch five MLP down-projections, LoRA changes attention in every layer, and on
+this small model that costs 4-10 points of utility accuracy however the
+learning rate and rank are set -- the bound the tests check is 8 points and
+10 % perplexity on edit_seed 0.
 """
 
 from __future__ import annotations
@@ -92,7 +120,9 @@ class LoRAParams(InterventionParams):
         description="decoder layers (0-based) to adapt; None adapts every layer",
     )
     steps: int = Field(70, ge=1, le=10_000, description="optimizer steps on the whole edit batch")
-    lr: float = Field(5e-3, gt=0, le=1.0, description="Adam learning rate of the adapter")
+    lr: float = Field(
+        1e-3, gt=0, le=1.0, description="Adam learning rate of the adapter (the paper: 5e-3 on Llama-3-8B)"
+    )
     seed: int = Field(0, description="torch seed (adapter init and dropout; training is deterministic given it)")
 
     @field_validator("target_modules")
