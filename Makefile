@@ -46,7 +46,7 @@ plan: install
 	$(VENV)/bin/lmcompose plan $(SPEC)
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -364,10 +364,9 @@ def aggregate(
     The report is also committed to the store under ``reports/<plan digest>``
     so that a driver (``lmcompose run``) or a later user can fetch it.
     """
+    from shared.criteria import CRITERIA
     from shared.interventions import available
     from shared.report import build_report
-
-    from shared.criteria import CRITERIA
 
     by_batch = collect_batch_results(store_uri, base_digest, plan_json, data_json, options_json)
     results = average_over_batches(by_batch, list(CRITERIA))

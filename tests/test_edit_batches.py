@@ -105,7 +105,7 @@ def test_compiled_pipeline_has_a_task_per_batch_for_edit_dependent_steps(tmp_pat
     assert names.count("comp-wanda") == 1 + 2  # wanda once; ft>wanda per batch
     # every data input names its batch; batch 1 appears only on edit-dependent tasks
     batches = []
-    for name, t in tasks.items():
+    for t in tasks.values():
         if comp(t) in ("comp-ft", "comp-wanda"):
             data = json.loads(t.inputs.parameters["data"].runtime_value.constant.string_value)
             batches.append((comp(t), data["edit_batch"]))

@@ -58,7 +58,7 @@ def test_editor_on_a_compressed_model_returns_dense_weights_and_reprojects(
 ) -> None:
     store = str(tmp_path / "store")
     _, k_c, k_e, k_re = _chain(store, [compressor, editor, REPROJECT])
-    m_c, meta_c, folder_c = _load(store, k_c)
+    m_c, _, folder_c = _load(store, k_c)
     m_e, meta_e, _ = _load(store, k_e)
     m_re, meta_re, _ = _load(store, k_re)
     state, args = load_state(folder_c)
