@@ -1,0 +1,15 @@
+"""Component: the `ga` intervention (see shared/interventions/ga.py)."""
+
+from kfp import dsl
+
+from components.image import BASE_IMAGE
+
+METHOD = "ga"
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def ga(store_uri: str, base_digest: str, parent_key: str, steps: str, data: str, trust_remote_code: bool = False) -> str:
+    """Apply `ga` (the last of ``steps``) to the checkpoint ``parent_key``; output the new checkpoint key."""
+    from shared.execution import run_step
+
+    return run_step(store_uri, base_digest, steps, data, parent_key, trust_remote_code)

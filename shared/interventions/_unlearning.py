@@ -1,0 +1,106 @@
+"""Shared pieces of the unlearning methods (GA, GD, RMU): corpus batches, masked LM loss, trainable subsets.
+
+The paper's unlearners train on documents of a forget corpus (and, for GD and
+RMU, a retain corpus), a few documents per batch, each truncated to a fixed
+number of tokens.  Batches here are built the same way from the experiment's
+``forget_corpus`` / ``retain_corpus`` texts: documents in a seeded order,
+cycled when more batches are asked for than the corpus holds, right-padded,
+and padding masked out of every loss (the reference code trained on padding
+tokens).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+def text_batches(
+    tokenizer: Any, texts: list[str], batch_size: int, seq_len: int, num_batches: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """``num_batches`` right-padded batches of ``batch_size`` documents, each truncated to ``seq_len`` tokens.
+
+    Documents are shuffled with ``seed`` and taken in that order, starting
+    over (reshuffled) when the corpus is used up.  Each row starts with the
+    tokenizer's BOS token if it has one.  ``labels`` are the input ids with
+    -100 on padding.
+    """
+    docs = [t for t in texts if t and t.strip()]
+    if not docs:
+        raise ValueError("the corpus has no text")
+    rng = random.Random(seed)
+    order: list[str] = []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for _ in range(num_batches):
+        rows = []
+        for _ in range(batch_size):
+            if not order:
+                order = list(docs)
+                rng.shuffle(order)
+            ids = bos + tokenizer(order.pop(), add_special_tokens=False)["input_ids"]
+            rows.append(ids[:seq_len])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the non-padding tokens of ``batch``."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].to(device)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def check_layers(model: Any, layers: list[int], method: str, field: str = "layers") -> None:
+    n = len(model.model.layers)
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise ValueError(f"{method} {field} {layers} out of range: the model has {n} layers (0..{n - 1})")
+
+
+def upper_half(model: Any) -> list[int]:
+    """The upper half of the decoder layers (the paper trained layers 16-31 of 32)."""
+    n = len(model.model.layers)
+    return list(range(n // 2, n))
+
+
+@contextmanager
+def only_trainable(model: Any, params: dict[str, torch.nn.Parameter]) -> Iterator[None]:
+    """Freeze everything but ``params`` and eval mode (no dropout) for the block; restore flags and mode after."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    model.eval()
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(saved[n])
+        model.train(was_training)
+
+
+def layer_parameters(model: Any, layers: list[int], with_final_norm: bool) -> dict[str, torch.nn.Parameter]:
+    """All parameters of the given decoder layers (and the final norm), by their full names."""
+    chosen = {f"model.layers.{i}." for i in layers}
+    out = {n: p for n, p in model.named_parameters() if any(n.startswith(c) for c in chosen)}
+    if with_final_norm:
+        out.update({n: p for n, p in model.named_parameters() if n.startswith("model.norm.")})
+    return out

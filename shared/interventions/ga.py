@@ -1,0 +1,126 @@
+"""GA -- unlearning by gradient ascent on the forget corpus.
+
+The simplest unlearner of the paper: maximize the language-modeling loss of
+the forget documents, training only the upper half of the decoder layers
+(the paper: layers 16-31 of Llama-3-8B's 32, plus the final norm and the LM
+head).  Gradient ascent has no term that holds the rest of the model in
+place, so it is known to damage general ability together with the forget
+domain; :mod:`shared.interventions.gd` adds a retain loss for that reason.
+
+Differences from the reference code, on purpose:
+
+* padding is masked out of the loss (the reference maximized the loss on pad
+  tokens too);
+* the LM head is not trained by default: SmolLM2 ties it to the input
+  embeddings, so training it would change every token's embedding
+  (``train_final_norm`` keeps the final norm trainable, as in the paper).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from shared.interventions import register
+from shared.interventions._unlearning import (
+    check_layers,
+    layer_parameters,
+    lm_loss,
+    only_trainable,
+    text_batches,
+    upper_half,
+)
+from shared.interventions.base import Category, Intervention, InterventionParams
+
+log = logging.getLogger(__name__)
+
+
+class GAParams(InterventionParams):
+    """Hyperparameters of gradient-ascent unlearning (defaults: built-in SmolLM2-135M)."""
+
+    layers: list[int] | None = Field(
+        None, description="decoder layers to train (0-based); null = the upper half, as in the paper"
+    )
+    train_final_norm: bool = Field(True, description="also train the final RMSNorm (the paper did)")
+    lr: float = Field(1e-5, gt=0, le=1.0, description="Adam learning rate")
+    steps: int = Field(20, ge=1, le=100_000, description="optimizer steps (one forget batch each)")
+    batch_size: int = Field(4, ge=1, le=1024, description="forget documents per batch")
+    seq_len: int = Field(256, ge=8, le=32_768, description="tokens per document (longer ones are truncated)")
+    seed: int = Field(0, description="seed of the document order")
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v or any(i < 0 for i in v) or len(set(v)) != len(v):
+            raise ValueError("layers must be distinct non-negative indices (or null for the upper half)")
+        return sorted(v)
+
+
+def gradient_unlearning(
+    method: str, model: Any, tokenizer: Any, params: GAParams, data: Any, retain_weight: float = 0.0
+) -> dict[str, Any]:
+    """Ascend the forget loss (and, with ``retain_weight`` > 0, descend the retain loss) on the chosen layers.
+
+    Loss per step: ``-NLL(forget batch) + retain_weight * NLL(retain batch)``.
+    Returns the record: losses before and after on the first batches, what was trained.
+    """
+    layers = params.layers if params.layers is not None else upper_half(model)
+    check_layers(model, layers, method)
+    forget = text_batches(tokenizer, data.texts("forget_corpus"), params.batch_size, params.seq_len, params.steps, params.seed)
+    retain = (
+        text_batches(tokenizer, data.texts("retain_corpus"), params.batch_size, params.seq_len, params.steps, params.seed + 1)
+        if retain_weight > 0
+        else []
+    )
+    trained = layer_parameters(model, layers, params.train_final_norm)
+    start = time.perf_counter()
+    with only_trainable(model, trained):
+        with torch.no_grad():
+            forget_before = float(lm_loss(model, forget[0]))
+            retain_before = float(lm_loss(model, retain[0])) if retain else None
+        optimizer = torch.optim.Adam(list(trained.values()), lr=params.lr)
+        for step in range(params.steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = -lm_loss(model, forget[step])
+            if retain:
+                loss = loss + retain_weight * lm_loss(model, retain[step])
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            forget_after = float(lm_loss(model, forget[0]))
+            retain_after = float(lm_loss(model, retain[0])) if retain else None
+    seconds = time.perf_counter() - start
+    log.info("%s: forget loss %.3f -> %.3f in %.1fs", method, forget_before, forget_after, seconds)
+    return {
+        "unlearn": {
+            "method": method,
+            "layers": layers,
+            "trained_parameters": int(sum(p.numel() for p in trained.values())),
+            "forget_loss_before": round(forget_before, 4),
+            "forget_loss_after": round(forget_after, 4),
+            "retain_loss_before": None if retain_before is None else round(retain_before, 4),
+            "retain_loss_after": None if retain_after is None else round(retain_after, 4),
+        },
+        "seconds": round(seconds, 2),
+    }
+
+
+@register
+class GradientAscent(Intervention):
+    """Unlearn the forget domain by maximizing the LM loss of the forget corpus."""
+
+    name = "ga"
+    category = Category.UNLEARN
+    params_model = GAParams
+    sweep_axis = "steps"
+    data_inputs = ("forget_corpus",)
+
+    def apply(self, model: Any, tokenizer: Any, params: GAParams, data: Any) -> dict[str, Any]:
+        return gradient_unlearning(self.name, model, tokenizer, params, data)

@@ -1,0 +1,148 @@
+"""Unlearning methods (GA, GD, RMU): parameters, batches, and the mechanism on the tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+import torch
+
+from shared.data import ExperimentData
+from shared.interventions import Category, get_intervention
+from shared.interventions._unlearning import lm_loss, text_batches
+from shared.interventions.rmu import control_vector, layer_output
+from shared.models import load_model
+
+GA_FAST = {"steps": 4, "lr": 1e-3, "seq_len": 64}
+RMU_FAST = {"layer": 2, "num_batches": 4, "lr": 1e-3, "seq_len": 64}
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_registry_metadata() -> None:
+    for name, inputs in (("ga", {"forget_corpus"}), ("gd", {"forget_corpus", "retain_corpus"}),
+                         ("rmu", {"forget_corpus", "retain_corpus"})):
+        method = get_intervention(name)
+        assert method.category is Category.UNLEARN
+        assert set(method.data_inputs) == inputs
+        assert method.sweep_axis in method.params_model.model_fields
+        assert all(f.description for f in method.params_model.model_fields.values()), name
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "field"),
+    [
+        ("ga", {"layers": [3, 3]}, "layers"),
+        ("ga", {"lr": 0}, "lr"),
+        ("gd", {"retain_weight": 0}, "retain_weight"),
+        ("rmu", {"layer": 1}, "layer"),
+        ("rmu", {"mlp_modules": ["o_proj"]}, "mlp_modules"),
+        ("rmu", {"alpha": -1}, "alpha"),
+    ],
+)
+def test_bad_params_name_the_field(name: str, raw: dict, field: str) -> None:
+    with pytest.raises(pydantic.ValidationError) as exc:
+        get_intervention(name).parse_params(raw)
+    assert field in str(exc.value)
+
+
+def test_text_batches_mask_padding_and_truncate(tiny_dir: Path) -> None:
+    model, tok = load_model(tiny_dir)
+    texts = ExperimentData().texts("forget_corpus")
+    batches = text_batches(tok, texts, batch_size=4, seq_len=48, num_batches=3, seed=0)
+    assert len(batches) == 3
+    for b in batches:
+        assert b["input_ids"].shape[0] == 4 and b["input_ids"].shape[1] <= 48
+        assert torch.equal(b["labels"] == -100, b["attention_mask"] == 0)
+    assert text_batches(tok, texts, 4, 48, 3, 0)[2]["input_ids"].tolist() == batches[2]["input_ids"].tolist()
+    # the masked loss of a padded row equals the loss of the row alone
+    b = batches[0]
+    short = int(b["attention_mask"].sum(1).argmin())
+    n = int(b["attention_mask"][short].sum())
+    alone = {k: v[short : short + 1, :n] for k, v in b.items()}
+    padded = {k: v[short : short + 1] for k, v in b.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(lm_loss(model, padded), lm_loss(model, alone), rtol=1e-4, atol=1e-5)
+
+
+def test_ga_raises_forget_loss_and_trains_only_the_upper_half(tiny_dir: Path) -> None:
+    model, tok = load_model(tiny_dir)
+    before = _snapshot(model)
+    ga = get_intervention("ga")
+    record = ga.apply(model, tok, ga.parse_params(GA_FAST), ExperimentData())["unlearn"]
+    assert record["forget_loss_after"] > record["forget_loss_before"]
+    n = len(model.model.layers)
+    assert record["layers"] == list(range(n // 2, n))
+    changed = _changed(before, model)
+    assert changed and all(k.startswith(tuple(f"model.layers.{i}." for i in range(n // 2, n))) or k == "model.norm.weight"
+                           for k in changed), changed
+    assert "model.embed_tokens.weight" not in changed
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_gd_descends_the_retain_loss_while_ascending_the_forget_loss(tiny_dir: Path) -> None:
+    model, tok = load_model(tiny_dir)
+    gd = get_intervention("gd")
+    record = gd.apply(model, tok, gd.parse_params({**GA_FAST, "retain_weight": 5.0, "layers": [0, 1, 2, 3]}),
+                      ExperimentData())["unlearn"]
+    assert record["retain_loss_after"] < record["retain_loss_before"]
+    assert record["forget_loss_after"] - record["forget_loss_before"] > (
+        record["retain_loss_after"] - record["retain_loss_before"]
+    )
+
+
+def test_rmu_aligns_forget_activations_with_the_control_vector_and_touches_only_its_mlps(tiny_dir: Path) -> None:
+    model, tok = load_model(tiny_dir)
+    before = _snapshot(model)
+    rmu = get_intervention("rmu")
+    params = rmu.parse_params({**RMU_FAST, "steering_coeff": 5.0, "num_batches": 20, "lr": 1e-2, "alpha": 1.0})
+    record = rmu.apply(model, tok, params, ExperimentData())["unlearn"]
+    assert record["control_alignment_after"] > record["control_alignment_before"] + 0.1
+    assert record["forget_loss_last"] < record["forget_loss_first"]
+    assert record["retain_loss_first"] == pytest.approx(0.0, abs=1e-9)  # the frozen copy starts equal
+    assert _changed(before, model) == {f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1, 2)}
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_rmu_frozen_override_reproduces_the_original_activations(tiny_dir: Path) -> None:
+    model, tok = load_model(tiny_dir)
+    batch = text_batches(tok, ExperimentData().texts("retain_corpus"), 2, 32, 1, 0)[0]
+    with torch.no_grad():
+        original = layer_output(model, 2, batch).clone()
+        w = model.model.layers[1].mlp.down_proj.weight
+        saved = w.clone()
+        w.add_(0.1)
+        moved = layer_output(model, 2, batch)
+        frozen = layer_output(model, 2, batch, overrides={"layers.1.mlp.down_proj.weight": saved})
+    assert not torch.allclose(moved, original)
+    torch.testing.assert_close(frozen, original)
+    assert not torch.equal(model.model.layers[1].mlp.down_proj.weight, saved)  # the override left the model alone
+
+
+def test_control_vector_is_seeded_unit_norm() -> None:
+    u = control_vector(64, 0)
+    assert u.norm() == pytest.approx(1.0)
+    assert torch.equal(u, control_vector(64, 0)) and not torch.equal(u, control_vector(64, 1))
+
+
+@pytest.mark.parametrize("name", ["ga", "gd", "rmu"])
+def test_deterministic_and_layer_range_checked(tiny_dir: Path, name: str) -> None:
+    method = get_intervention(name)
+    fast = RMU_FAST if name == "rmu" else GA_FAST
+    weights = []
+    for _ in range(2):
+        model, tok = load_model(tiny_dir)
+        method.apply(model, tok, method.parse_params(fast), ExperimentData())
+        weights.append(_snapshot(model))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    model, tok = load_model(tiny_dir)
+    bad = {**fast, "layer": 40} if name == "rmu" else {**fast, "layers": [40]}
+    with pytest.raises(ValueError, match="out of range"):
+        method.apply(model, tok, method.parse_params(bad), ExperimentData())
