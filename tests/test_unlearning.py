@@ -13,6 +13,7 @@ from shared.interventions import Category, get_intervention
 from shared.interventions._unlearning import lm_loss, text_batches
 from shared.interventions.rmu import control_vector, layer_output
 from shared.models import load_model
+from tests.conftest import utility_and_perplexity
 
 GA_FAST = {"steps": 4, "lr": 1e-3, "seq_len": 64}
 RMU_FAST = {"layer": 2, "num_batches": 4, "lr": 1e-3, "seq_len": 64}
@@ -146,3 +147,25 @@ def test_deterministic_and_layer_range_checked(tiny_dir: Path, name: str) -> Non
     bad = {**fast, "layer": 40} if name == "rmu" else {**fast, "layers": [40]}
     with pytest.raises(ValueError, match="out of range"):
         method.apply(model, tok, method.parse_params(bad), ExperimentData())
+
+
+# ---------------------------------------------------------------- slow: the real built-in model
+
+
+@pytest.mark.slow
+def test_rmu_unlearns_the_forget_domain_of_smollm2(smollm2_dir: Path, smollm2_quality: dict) -> None:
+    """Forget accuracy at least 15 points closer to chance (25 %), utility down by at most 5 points."""
+    from shared.evaluation import EvalOptions, get_evaluator
+
+    model, tok = load_model(smollm2_dir)
+    data = ExperimentData()
+    forget = get_evaluator("forget")
+    before = forget(model, tok, data, EvalOptions())["forget_acc"]
+    rmu = get_intervention("rmu")
+    record = rmu.apply(model, tok, rmu.parse_params(None), data)["unlearn"]
+    after = forget(model, tok, data, EvalOptions())["forget_acc"]
+    quality = utility_and_perplexity(model, tok)
+    print("rmu smollm2:", before, after, quality, record)
+    assert record["control_alignment_after"] > 0.5  # the forget activations point along the control vector
+    assert (before - 0.25) - (after - 0.25) >= 0.15, (before, after)
+    assert quality["utility_acc"] >= smollm2_quality["utility_acc"] - 0.05, (smollm2_quality, quality)

@@ -7,6 +7,12 @@ head).  Gradient ascent has no term that holds the rest of the model in
 place, so it is known to damage general ability together with the forget
 domain; :mod:`shared.interventions.gd` adds a retain loss for that reason.
 
+Measured on the built-in SmolLM2-135M (float32; base forget accuracy 0.727,
+utility 0.767, chance 0.25; upper 15 layers + final norm, 20 batches of 4
+documents x 256 tokens): lr 1e-5 -> forget 0.703, utility 0.744; lr 3e-5
+(default) -> forget 0.570, utility 0.714 -- the forget domain drops 16 points
+and general ability 5 with it, the known weakness of plain gradient ascent.
+
 Differences from the reference code, on purpose:
 
 * padding is masked out of the loss (the reference maximized the loss on pad
@@ -46,7 +52,7 @@ class GAParams(InterventionParams):
         None, description="decoder layers to train (0-based); null = the upper half, as in the paper"
     )
     train_final_norm: bool = Field(True, description="also train the final RMSNorm (the paper did)")
-    lr: float = Field(1e-5, gt=0, le=1.0, description="Adam learning rate")
+    lr: float = Field(3e-5, gt=0, le=1.0, description="Adam learning rate (the paper: 5e-5)")
     steps: int = Field(20, ge=1, le=100_000, description="optimizer steps (one forget batch each)")
     batch_size: int = Field(4, ge=1, le=1024, description="forget documents per batch")
     seq_len: int = Field(256, ge=8, le=32_768, description="tokens per document (longer ones are truncated)")
