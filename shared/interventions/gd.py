@@ -5,6 +5,14 @@ documents' loss, weighted by ``retain_weight``.  The paper found a large
 retain weight essential (40 in its appendix, 400 in its text) to keep general
 ability while the forget domain is unlearned.  Layers, batches and the rest
 are as for :mod:`shared.interventions.ga`.
+
+Measured on the built-in SmolLM2-135M (float32; base forget accuracy 0.727,
+utility 0.767; upper 15 layers + final norm, batches of 4 x 256 tokens):
+with the paper's large retain weight (40) and lr 1e-5 / 3e-5 the retain term
+wins and nothing is forgotten (forget 0.727 / 0.742); weight 2, lr 5e-5, 30
+steps: forget 0.688, utility 0.789; the default, weight 1, lr 1e-4, 30 steps:
+forget 0.195 (the forget loss rises from 3.0 to 65 -- below chance, the
+domain's answers are actively avoided), utility 0.752.
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ from shared.interventions.ga import GAParams, gradient_unlearning
 class GDParams(GAParams):
     """Hyperparameters of gradient difference (defaults: built-in SmolLM2-135M)."""
 
-    retain_weight: float = Field(40.0, gt=0, le=1e6, description="weight of the retain-corpus LM loss")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate (the paper: 5e-5)")
+    steps: int = Field(30, ge=1, le=100_000, description="optimizer steps (one forget and one retain batch each)")
+    retain_weight: float = Field(
+        1.0, gt=0, le=1e6, description="weight of the retain-corpus LM loss (the paper: 40-400 on Llama-3-8B)"
+    )
 
 
 @register
