@@ -8,6 +8,7 @@ edits per second.
 
     python benchmarks/interventions.py                          # compressors (the default suite)
     python benchmarks/interventions.py --suite edit             # editors, 10 built-in edits
+    python benchmarks/interventions.py --suite unlearn          # unlearners: forget / utility accuracy
     python benchmarks/interventions.py --only gptq:bits=8       # one setting
     python benchmarks/interventions.py --json out.json          # also write the rows as JSON
 
@@ -36,6 +37,7 @@ SUITES = {
         "awq:bits=8", "awq:bits=4", "awq:bits=3",
     ],
     "edit": ["none", "ft", "lora", "memit"],
+    "unlearn": ["none", "ga", "gd", "rmu"],
 }
 
 
@@ -90,6 +92,11 @@ def run_one(setting: str, samples: int, seq_len: int, model_dir: str, num_edits:
         edits = evaluate_edits(model, tok, data.edits)
         row["edits_per_second"] = round(num_edits / seconds, 3) if seconds else None
         row.update({k: round(float(v), 3) for k, v in edits.items()})
+    if suite == "unlearn":
+        from shared.evaluation import EvalOptions, get_evaluator
+
+        for name in ("forget", "utility"):
+            row.update({k: round(float(v), 3) for k, v in get_evaluator(name)(model, tok, data, EvalOptions()).items()})
     return row
 
 
@@ -122,6 +129,8 @@ def main() -> None:
     columns = ["setting", "seconds", "peak_rss_gb", "perplexity", "sparsity", "avg_bits"]
     if args.suite == "edit":
         columns += ["edits_per_second", "edit_success", "edit_generalization", "edit_locality"]
+    if args.suite == "unlearn":
+        columns += ["forget_acc", "utility_acc"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for setting in args.only or SUITES[args.suite]:
