@@ -26,6 +26,19 @@ class Category(str, Enum):
     COMPRESS = "compress"
 
 
+def layer_indices(v: list[int]) -> list[int]:
+    """Validate a list of decoder-layer indices (distinct, >= 0) and return it sorted.
+
+    Shared by every method with a ``layers`` parameter; whether an index
+    exists is checked against the model when the method is applied.
+    """
+    if any(i < 0 for i in v):
+        raise ValueError("layer indices must be >= 0")
+    if len(set(v)) != len(v):
+        raise ValueError("layer indices must be distinct")
+    return sorted(v)
+
+
 class InterventionParams(BaseModel):
     """Base class of every method's parameter model: strict, immutable, no unknown fields."""
 

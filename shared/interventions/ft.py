@@ -47,7 +47,7 @@ import torch
 from pydantic import Field, field_validator
 
 from shared.interventions import register
-from shared.interventions.base import Category, Intervention, InterventionParams
+from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,7 @@ class FTParams(InterventionParams):
     @field_validator("layers")
     @classmethod
     def _distinct_non_negative(cls, v: list[int]) -> list[int]:
-        if any(i < 0 for i in v):
-            raise ValueError("layer indices must be >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError("layer indices must be distinct")
-        return sorted(v)
+        return layer_indices(v)
 
 
 def build_edit_batch(tokenizer: Any, edits: list[Any]) -> dict[str, torch.Tensor]:

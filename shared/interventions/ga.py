@@ -40,7 +40,7 @@ from shared.interventions._unlearning import (
     text_batches,
     upper_half,
 )
-from shared.interventions.base import Category, Intervention, InterventionParams
+from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ class GAParams(InterventionParams):
     def _distinct(cls, v: list[int] | None) -> list[int] | None:
         if v is None:
             return None
-        if not v or any(i < 0 for i in v) or len(set(v)) != len(v):
-            raise ValueError("layers must be distinct non-negative indices (or null for the upper half)")
-        return sorted(v)
+        if not v:
+            raise ValueError("layers must name at least one layer (or be null for the upper half)")
+        return layer_indices(v)
 
 
 def gradient_unlearning(

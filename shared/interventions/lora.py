@@ -77,7 +77,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from shared.interventions import register
-from shared.interventions.base import Category, Intervention, InterventionParams
+from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
 from shared.interventions.ft import build_edit_batch, target_loss
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,7 @@ class LoRAParams(InterventionParams):
             return None
         if not v:
             raise ValueError("layers must name at least one layer (or be null for all layers)")
-        if any(i < 0 for i in v):
-            raise ValueError("layer indices must be >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError("layer indices must be distinct")
-        return sorted(v)
+        return layer_indices(v)
 
     @model_validator(mode="after")
     def _adalora_budget(self) -> "LoRAParams":

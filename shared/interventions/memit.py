@@ -107,7 +107,7 @@ from pydantic import Field, field_validator
 
 from shared.interventions import register
 from shared.interventions._memit_stats import TensorCache, cached_key_second_moments
-from shared.interventions.base import Category, Intervention, InterventionParams
+from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,7 @@ class MEMITParams(InterventionParams):
     @field_validator("layers")
     @classmethod
     def _distinct_non_negative(cls, v: list[int]) -> list[int]:
-        if any(i < 0 for i in v):
-            raise ValueError("layer indices must be >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError("layer indices must be distinct")
-        return sorted(v)
+        return layer_indices(v)
 
     @field_validator("kl_template")
     @classmethod
