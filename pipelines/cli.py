@@ -33,7 +33,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from shared.planner import build_plan, format_plan
     from shared.spec import load_spec
 
-    spec = load_spec(args.spec)
+    # listing what a store holds needs every input's digest, so S3 data is fetched then only
+    spec = load_spec(args.spec, fetch_remote=bool(args.store))
     plan = build_plan(spec)
     done = None
     if args.store:
@@ -50,7 +51,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.builder import compile_pipeline
     from shared.spec import load_spec
 
-    spec = load_spec(args.spec)
+    # s3:// data inputs are read by the pipeline's steps, which may see buckets this machine cannot
+    spec = load_spec(args.spec, fetch_remote=False)
     compile_pipeline(spec, _store_uri(args, spec), args.output)
     print(f"wrote {args.output}")
     return 0

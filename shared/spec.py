@@ -262,8 +262,13 @@ def _format_validation_error(exc: ValidationError) -> str:
     return f"{loc or 'spec'}: {msg}{extra}"
 
 
-def parse_spec(raw: dict[str, Any], check_data: bool = True) -> ExperimentSpec:
-    """Validate a spec dict; raise :class:`SpecError` naming the field."""
+def parse_spec(raw: dict[str, Any], check_data: bool = True, fetch_remote: bool = True) -> ExperimentSpec:
+    """Validate a spec dict; raise :class:`SpecError` naming the field.
+
+    ``check_data`` reads every data file; ``fetch_remote=False`` leaves
+    ``s3://`` inputs to the pipeline's steps (compiling on a machine that
+    cannot read the cluster's bucket).
+    """
     if not isinstance(raw, dict):
         raise SpecError("spec: the top level must be a mapping")
     try:
@@ -272,13 +277,13 @@ def parse_spec(raw: dict[str, Any], check_data: bool = True) -> ExperimentSpec:
         raise SpecError(_format_validation_error(exc)) from None
     if check_data:
         try:
-            spec.data.check_files()
+            spec.data.check_files(fetch_remote=fetch_remote)
         except DataError as exc:
             raise SpecError(f"data: {exc}") from None
     return spec
 
 
-def load_spec(path: Path | str, check_data: bool = True) -> ExperimentSpec:
+def load_spec(path: Path | str, check_data: bool = True, fetch_remote: bool = True) -> ExperimentSpec:
     """Read and validate a YAML spec file."""
     path = Path(path)
     if not path.is_file():
@@ -287,4 +292,4 @@ def load_spec(path: Path | str, check_data: bool = True) -> ExperimentSpec:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    return parse_spec(raw, check_data=check_data)
+    return parse_spec(raw, check_data=check_data, fetch_remote=fetch_remote)

@@ -365,6 +365,51 @@ class S3Store(Store):
             raise KeyError(f"{key} not in {self.uri}")
         return json.loads(data)
 
+    def object_version(self, key: str) -> tuple[int, str] | None:
+        """(size, ETag) of the object at ``key`` under the prefix, or None if there is none.
+
+        No bucket check first: a reader of a gated data set may hold
+        ``s3:GetObject`` on it and nothing else.
+        """
+        name = self._object(key)
+        with self._errors(f"look up {self.uri}/{key}"):
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if _client_error_code(exc) in _NOT_FOUND_CODES:
+                    return None
+                raise
+        return int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')
+
+    def download_object(self, key: str, dest: Path) -> tuple[int, str]:
+        """Download one object to ``dest`` atomically; return its (size, ETag).
+
+        The body goes to a hidden temporary file beside ``dest`` and is renamed
+        into place only when complete and of the advertised size, so a killed
+        download never leaves a truncated ``dest`` that a later reader trusts.
+        The object is pinned by ETag (``IfMatch``) so a concurrent overwrite is
+        an error, not a mix of two versions.
+        """
+        version = self.object_version(key)
+        if version is None:
+            raise CheckpointNotFound(f"{self.uri}/{key} does not exist")
+        size, etag = version
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        try:
+            extra = {"IfMatch": etag} if etag else {}
+            with self._errors(f"download {self.uri}/{key}"), open(tmp, "wb") as fh:
+                body = self._client.get_object(Bucket=self.bucket, Key=self._object(key), **extra)["Body"]
+                for chunk in body.iter_chunks(chunk_size=8 * MB):
+                    fh.write(chunk)
+            if tmp.stat().st_size != size:
+                raise StoreError(f"download of {self.uri}/{key} has {tmp.stat().st_size} bytes, expected {size}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size, etag
+
     def has_json(self, key: str) -> bool:
         name = self._object(key)
         self._ensure_bucket()

@@ -11,8 +11,9 @@ dataset, so the same code reads the built-in packs and real data:
 * text corpora (forget, retain, calibration, perplexity): ``{"text": "..."}``
 
 The built-in packs live in ``shared/data/builtin/`` and are written for this
-project.  A data field in an experiment spec is either ``builtin`` or a path
-to a file of the same format.
+project.  A data field in an experiment spec is ``builtin``, a path to a file
+of the same format, an ``s3://bucket/key`` object of that format, or -- for
+the 4-choice fields -- ``lm-eval:task[,task]`` (see :mod:`shared.data.sources`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.data.sources import SourceError, fetch_s3, harness_tasks, is_harness, is_s3
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 #: data field -> file name of its built-in pack
@@ -39,6 +42,10 @@ BUILTIN_FILES: dict[str, str] = {
     "calibration": "calibration.jsonl",
     "perplexity": "perplexity.jsonl",
 }
+
+
+#: fields that may name lm-eval harness tasks instead of a file (4-choice question sets)
+MCQ_FIELDS = ("utility_mcq", "forget_mcq")
 
 
 class DataError(ValueError):
@@ -88,9 +95,16 @@ _ROW_MODELS: dict[str, type[BaseModel]] = {
 
 
 def resolve_path(field_name: str, source: str) -> Path:
-    """File behind a data field: the built-in pack for ``builtin``, else the given path."""
+    """File behind a data field: the built-in pack for ``builtin``, a downloaded copy of an S3 object, else the path."""
     if field_name not in BUILTIN_FILES:
         raise DataError(f"unknown data field {field_name!r}; known: {', '.join(BUILTIN_FILES)}")
+    if is_harness(source):
+        raise DataError(f"data.{field_name} names lm-eval tasks ({source!r}), not a file")
+    if is_s3(source):
+        try:
+            return fetch_s3(source)
+        except SourceError as exc:
+            raise DataError(f"data.{field_name}: {exc}") from None
     path = BUILTIN_DIR / BUILTIN_FILES[field_name] if source == "builtin" else Path(source).expanduser()
     return path.resolve()
 
@@ -146,6 +160,31 @@ class DataConfig(BaseModel):
         0, ge=0, description="the batch a pipeline task works on (set by the pipeline, one value per batch)"
     )
 
+    @field_validator(*BUILTIN_FILES)
+    @classmethod
+    def _source_syntax(cls, v: str, info: Any) -> str:
+        """Check a source's form without touching the network (S3 objects are fetched by ``check_files``)."""
+        if not v.strip():
+            raise ValueError("must be 'builtin', a file path, s3://bucket/key or (question sets) lm-eval:task[,task]")
+        if is_harness(v):
+            if info.field_name not in MCQ_FIELDS:
+                raise ValueError(
+                    f"lm-eval tasks can only stand for a 4-choice question set ({', '.join(MCQ_FIELDS)}), "
+                    f"not for {info.field_name}"
+                )
+            harness_tasks(v)
+        elif is_s3(v):
+            from shared.store import StoreError
+            from shared.store_s3 import parse_s3_uri
+
+            try:
+                _bucket, key = parse_s3_uri(v)
+            except StoreError as exc:
+                raise ValueError(str(exc)) from None
+            if not key or v.endswith("/"):
+                raise ValueError(f"{v!r} names a bucket or prefix, not an object (s3://bucket/path/file.jsonl)")
+        return v
+
     @model_validator(mode="after")
     def _batch_in_range(self) -> "DataConfig":
         if self.edit_batch >= self.num_batches:
@@ -156,12 +195,23 @@ class DataConfig(BaseModel):
         """The same data with edit batch ``batch`` selected (what the pipeline hands batch ``batch``'s tasks)."""
         return self.model_validate({**self.model_dump(), "edit_batch": batch})
 
-    def paths(self) -> dict[str, Path]:
-        return {name: resolve_path(name, getattr(self, name)) for name in BUILTIN_FILES}
+    def file_fields(self) -> list[str]:
+        """The fields read from a file (all but those naming lm-eval tasks)."""
+        return [name for name in BUILTIN_FILES if not is_harness(getattr(self, name))]
 
-    def check_files(self) -> None:
-        """Fail early (before any model work) if a data file is missing or malformed."""
-        for name in BUILTIN_FILES:
+    def paths(self) -> dict[str, Path]:
+        return {name: resolve_path(name, getattr(self, name)) for name in self.file_fields()}
+
+    def check_files(self, fetch_remote: bool = True) -> None:
+        """Fail early (before any model work) if a data file is missing or malformed.
+
+        S3 objects are downloaded and checked too unless ``fetch_remote`` is
+        false (compiling for a cluster whose data this machine cannot read);
+        lm-eval tasks are the harness's to load.
+        """
+        for name in self.file_fields():
+            if not fetch_remote and is_s3(getattr(self, name)):
+                continue
             rows = load_field(name, getattr(self, name))
             needed = self.num_edits * self.num_batches
             if name == "edits" and len(rows) < needed:
@@ -180,8 +230,22 @@ class ExperimentData:
     def path(self, name: str) -> Path:
         return resolve_path(name, getattr(self.config, name))
 
+    def harness_tasks(self, name: str) -> list[str] | None:
+        """The lm-eval tasks a 4-choice field names, or None when it is a file."""
+        source = getattr(self.config, name)
+        return harness_tasks(source) if is_harness(source) else None
+
     def digest(self, name: str) -> str:
-        """Content digest of a data input, including the selection for ``edits``."""
+        """Content digest of a data input, including the selection for ``edits``.
+
+        For lm-eval tasks: the task names and the harness version (the
+        harness owns the data; a new release may change it).
+        """
+        tasks = self.harness_tasks(name)
+        if tasks is not None:
+            from importlib.metadata import version
+
+            return hashlib.sha256(f"lm-eval {version('lm_eval')}:{','.join(tasks)}".encode()).hexdigest()
         base = file_digest(self.path(name))
         if name == "edits":
             selection = f"{base}:{self.config.num_edits}:{self.config.edit_seed}"

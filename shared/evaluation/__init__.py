@@ -45,6 +45,15 @@ def _mcq(field: str, criterion: str) -> Evaluator:
     """An evaluator scoring the 4-choice file of data field ``field`` as ``criterion``."""
 
     def run(model: Any, tokenizer: Any, data: ExperimentData, options: EvalOptions) -> dict[str, float]:
+        tasks = data.harness_tasks(field)
+        if tasks is not None:
+            # the harness's own tasks (cluster): the mean of their accuracies, as the paper
+            # averaged WMDP bio and cyber
+            accs = [
+                evaluate_harness_task(model, tokenizer, task, batch_size=options.batch_size, limit=options.limit)["acc"]
+                for task in tasks
+            ]
+            return {criterion: sum(accs) / len(accs)}
         res = evaluate_mcq(
             model, tokenizer, data.path(field), task_name=f"lmcompose_{field}",
             batch_size=options.batch_size, limit=options.limit,
@@ -52,7 +61,7 @@ def _mcq(field: str, criterion: str) -> Evaluator:
         return {criterion: res["acc"]}
 
     run.__name__ = f"evaluate_{field}"
-    run.__doc__ = f"{criterion}: lm-eval accuracy on the {field} file."
+    run.__doc__ = f"{criterion}: lm-eval accuracy on the {field} file (or the mean over the lm-eval tasks it names)."
     return run
 
 
