@@ -114,3 +114,69 @@ def test_kfp_local_run_on_tiny_model_and_resume(tmp_path, capsys):
     assert n_ckpt == 1 + len(build_plan(spec).step_nodes)
     run_local(spec, str(store), tmp_path / "out2")
     assert snapshot() == before
+
+
+EXPERIMENTS = sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "pipelines" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_shipped_experiments_plan_and_compile(path, tmp_path):
+    """Every spec in pipelines/experiments validates, plans and compiles to YAML KFP's protobuf accepts."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipelines.builder import compile_pipeline
+    from shared.spec import load_spec
+
+    spec = load_spec(path)
+    plan = build_plan(spec)
+    out = tmp_path / "p.yaml"
+    compile_pipeline(spec, "s3://bucket/prefix", str(out))
+    pipeline = pipeline_spec_pb2.PipelineSpec()
+    json_format.ParseDict(next(yaml.safe_load_all(out.read_text())), pipeline)
+    assert len(pipeline.root.dag.tasks) == 1 + len(plan.step_nodes) + 1 + 1
+
+
+def _pairs(plan) -> set[tuple[str, ...]]:
+    return {tuple(c["names"]) for c in plan.compositions if len(c["names"]) == 2}
+
+
+def test_unlearning_experiments_cover_the_papers_grid():
+    """unlearn_x_compress: 3 unlearners x {wanda, gptq} x 2 strengths x both orders; edit_x_unlearn: 3 x 3 x both."""
+    from shared.spec import load_spec
+
+    root = EXPERIMENTS[0].parent
+    plan = build_plan(load_spec(root / "unlearn_x_compress.yaml"))
+    unlearners, compressors = ("ga", "gd", "rmu"), ("wanda", "gptq")
+    assert _pairs(plan) == {p for u in unlearners for c in compressors for p in ((u, c), (c, u))}
+    two = [c for c in plan.compositions if len(c["names"]) == 2]
+    assert len(two) == 3 * 2 * 2 * 2  # two strengths each
+    # re-compression: a compressor that comes first runs again at the end
+    first_compressed = [c for c in two if c["names"][0] in compressors]
+    assert len(first_compressed) == 12 and all(c["recompress"] == c["names"][0] for c in first_compressed)
+    assert all([s["method"] for s in plan.nodes[c["node"]].steps][-1] == c["names"][0] for c in first_compressed)
+    assert set(plan.evaluators) >= {"forget", "utility", "perplexity"}
+
+    plan = build_plan(load_spec(root / "edit_x_unlearn.yaml"))
+    editors = ("ft", "lora", "memit")
+    assert _pairs(plan) == {p for e in editors for u in unlearners for p in ((e, u), (u, e))}
+    assert set(plan.evaluators) >= {"edit", "forget", "utility"}
+
+
+def test_cluster_data_sources_compile_without_reading_them(tmp_path):
+    """A spec with S3 corpora and lm-eval WMDP tasks compiles on a machine that cannot reach the bucket."""
+    from pipelines.builder import compile_pipeline
+    from shared.spec import parse_spec as parse
+
+    raw = yaml.safe_load((EXPERIMENTS[0].parent / "unlearn_x_compress.yaml").read_text())
+    raw["data"] = {
+        "forget_corpus": "s3://nowhere-bucket/wmdp/bio-forget-corpus.jsonl",
+        "retain_corpus": "s3://nowhere-bucket/wikitext/train.jsonl",
+        "forget_mcq": "lm-eval:wmdp_bio,wmdp_cyber",
+        "utility_mcq": "lm-eval:mmlu",
+    }
+    spec = parse(raw, fetch_remote=False)
+    out = tmp_path / "p.yaml"
+    compile_pipeline(spec, "s3://bucket/prefix", str(out))
+    text = out.read_text()
+    assert "s3://nowhere-bucket/wmdp/bio-forget-corpus.jsonl" in text and "wmdp_bio,wmdp_cyber" in text

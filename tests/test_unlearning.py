@@ -91,8 +91,8 @@ def test_ga_raises_forget_loss_and_trains_only_the_upper_half(tiny_dir: Path) ->
 def test_gd_descends_the_retain_loss_while_ascending_the_forget_loss(tiny_dir: Path) -> None:
     model, tok = load_model(tiny_dir)
     gd = get_intervention("gd")
-    record = gd.apply(model, tok, gd.parse_params({**GA_FAST, "retain_weight": 5.0, "layers": [0, 1, 2, 3]}),
-                      ExperimentData())["unlearn"]
+    params = {**GA_FAST, "retain_weight": 5.0, "layers": [0, 1, 2, 3], "forget_loss_cap": None}
+    record = gd.apply(model, tok, gd.parse_params(params), ExperimentData())["unlearn"]
     assert record["retain_loss_after"] < record["retain_loss_before"]
     assert record["forget_loss_after"] - record["forget_loss_before"] > (
         record["retain_loss_after"] - record["retain_loss_before"]
@@ -150,6 +150,28 @@ def test_deterministic_and_layer_range_checked(tiny_dir: Path, name: str) -> Non
 
 
 # ---------------------------------------------------------------- slow: the real built-in model
+
+
+def test_forget_loss_cap_stops_the_ascent_per_token(tiny_dir: Path) -> None:
+    """Tokens past the cap give no gradient: far above every loss the cap changes nothing, below all it freezes."""
+    model, tok = load_model(tiny_dir)
+    batch = text_batches(tok, ExperimentData().texts("forget_corpus"), 2, 32, 1, 0)[0]
+    with torch.no_grad():
+        plain = lm_loss(model, batch)
+        torch.testing.assert_close(lm_loss(model, batch, cap=1e3), plain)
+        assert float(lm_loss(model, batch, cap=1e-3)) == pytest.approx(1e-3)
+    loss = lm_loss(model, batch, cap=1e-3)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+    before = _snapshot(model)
+    ga = get_intervention("ga")
+    record = ga.apply(model, tok, ga.parse_params({**GA_FAST, "forget_loss_cap": 1e-3}), ExperimentData())["unlearn"]
+    assert not _changed(before, model)  # every token is past the cap: nothing to ascend
+    assert record["forget_loss_after"] == pytest.approx(record["forget_loss_before"])
+    assert get_intervention("gd").parse_params(None).forget_loss_cap == 6.0
+    assert ga.parse_params(None).forget_loss_cap is None  # GA stays the paper's plain ascent
 
 
 @pytest.mark.slow

@@ -56,13 +56,26 @@ def text_batches(
     return batches
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the non-padding tokens of ``batch``."""
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], cap: float | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the non-padding tokens of ``batch``.
+
+    With ``cap``, each token's loss is clamped at ``cap`` nats first, so a
+    token already pushed past it contributes no gradient: ascent on such a
+    loss stops per token instead of running away (see ``GAParams.forget_loss_cap``).
+    """
     device = next(model.parameters()).device
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:].to(device)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    if cap is None:
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    counted = labels.reshape(-1) != -100
+    return per_token.clamp(max=cap)[counted].mean()
 
 
 def check_layers(model: Any, layers: list[int], method: str, field: str = "layers") -> None:

@@ -57,6 +57,13 @@ class GAParams(InterventionParams):
     batch_size: int = Field(4, ge=1, le=1024, description="forget documents per batch")
     seq_len: int = Field(256, ge=8, le=32_768, description="tokens per document (longer ones are truncated)")
     seed: int = Field(0, description="seed of the document order")
+    forget_loss_cap: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="clamp each forget token's loss at this many nats before ascending it (null: no cap, "
+        "the paper's plain ascent); a capped token stops pushing, so ascent cannot run away",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -93,7 +100,7 @@ def gradient_unlearning(
         optimizer = torch.optim.Adam(list(trained.values()), lr=params.lr)
         for step in range(params.steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = -lm_loss(model, forget[step])
+            loss = -lm_loss(model, forget[step], cap=params.forget_loss_cap)
             if retain:
                 loss = loss + retain_weight * lm_loss(model, retain[step])
             loss.backward()
