@@ -27,8 +27,10 @@ from kfp import dsl
 
 from components import evaluator_component, intervention_component
 from components.aggregate import aggregate
+from components.image import CPU_IMAGE
 from components.prepare_base import prepare_base
-from shared.planner import Plan, build_plan, describe_step
+from shared.cluster import ClusterConfig
+from shared.planner import Plan, build_plan, describe_step, partition
 from shared.spec import ExperimentSpec
 
 
@@ -38,7 +40,12 @@ def evaluation_options(spec: ExperimentSpec) -> dict[str, Any]:
     return {"batch_size": ev.batch_size, "limit": ev.limit, "max_length": ev.max_length, "dtype": ev.dtype}
 
 
-def pipeline_name(spec: ExperimentSpec) -> str:
+def pipeline_name(spec: ExperimentSpec, shard: Optional[tuple[int, int]] = None, aggregate_only: bool = False) -> str:
+    """``lmcompose-<name>``; shards and the aggregation run of a sharded study get a suffix."""
+    if aggregate_only:
+        return f"lmcompose-{spec.name}-aggregate"
+    if shard and shard[1] > 1:
+        return f"lmcompose-{spec.name}-shard-{shard[0] + 1}-of-{shard[1]}"
     return f"lmcompose-{spec.name}"
 
 
@@ -47,6 +54,10 @@ S3_SECRET = "lmcompose-s3-credentials"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 STORE_CONFIG_MAP = "lmcompose-store"
 STORE_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
+
+
+#: where a cluster task mounts its scratch volume (checkpoint cache, hub cache)
+SCRATCH = "/scratch"
 
 
 def attach_store_access(task: Any, secret: str = S3_SECRET, config_map: str = STORE_CONFIG_MAP) -> None:
@@ -63,19 +74,88 @@ def attach_store_access(task: Any, secret: str = S3_SECRET, config_map: str = ST
     )
 
 
+def place_task(task: Any, component: str, family: str, cluster: ClusterConfig, s3: bool) -> None:
+    """Apply the cluster settings of ``component`` to one task.
+
+    GPU tasks request their accelerator and land on the GPU nodes (node
+    selector + tolerations); CPU-only tasks run the CPU image on
+    ``cpu_node_selector`` nodes.  Every task gets retries with exponential
+    backoff, a timeout, a scratch volume for its checkpoint cache (an 8B
+    checkpoint is 16 GB: the container's own disk is not meant for that), the
+    store's credentials and endpoint by reference and, if configured, a hub
+    token by reference.  KFP's own caching is off: the store is the cache
+    (a step finds its finished checkpoint and returns at once), and a KFP
+    cache hit could skip a step whose checkpoint was deleted from the store.
+    """
+    from kfp import kubernetes
+
+    res = cluster.resources_for(component, family)
+    if res.cpu:
+        task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
+    if res.memory:
+        task.set_memory_request(res.memory).set_memory_limit(res.memory)
+    if res.uses_gpu:
+        task.set_accelerator_type(res.accelerator_type or "nvidia.com/gpu").set_accelerator_limit(res.accelerator_count)
+        for key, value in cluster.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for tol in cluster.tolerations:
+            kubernetes.add_toleration(
+                task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect,
+                toleration_seconds=tol.toleration_seconds,
+            )
+    else:
+        task.set_container_image(CPU_IMAGE)
+        for key, value in cluster.cpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    if cluster.retries:
+        task.set_retry(num_retries=cluster.retries, backoff_duration=f"{cluster.backoff_seconds}s", backoff_factor=2.0)
+    kubernetes.set_timeout(task, seconds=int(cluster.timeout_hours * 3600))
+    kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path=SCRATCH, size_limit=cluster.scratch_size)
+    task.set_env_variable("LMCOMPOSE_CACHE", f"{SCRATCH}/cache")
+    task.set_env_variable("HF_HOME", f"{SCRATCH}/huggingface")
+    task.set_caching_options(False)
+    if s3:
+        attach_store_access(task, cluster.s3_secret, cluster.store_config_map)
+    if cluster.hf_token_secret:
+        kubernetes.use_secret_as_env(task, secret_name=cluster.hf_token_secret, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"})
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
+
+
 def build_pipeline(
-    spec: ExperimentSpec, store_uri: str, plan: Optional[Plan] = None, kubernetes: Optional[bool] = None
+    spec: ExperimentSpec,
+    store_uri: str,
+    plan: Optional[Plan] = None,
+    kubernetes: Optional[bool] = None,
+    cluster: Optional[ClusterConfig] = None,
+    shard: Optional[tuple[int, int]] = None,
+    aggregate_only: bool = False,
 ) -> Callable[..., Any]:
     """A ``@dsl.pipeline`` function running ``spec`` against the store at ``store_uri``.
 
-    ``kubernetes`` adds the cluster-only task settings (S3 credentials from a
-    Secret); by default they are added when the store is on S3.  kfp.local
-    ignores them, so the local driver switches them off.
+    ``kubernetes`` adds the cluster task settings of ``cluster`` (default: the
+    spec's) to every task -- resources, GPU placement, retries, scratch
+    volume, and the S3 credentials from a Secret when the store is on S3; by
+    default they are added when the store is on S3.  kfp.local ignores them,
+    so the local driver switches them off.
+
+    ``shard=(i, n)`` builds run ``i`` of ``n``: the subtrees of the plan
+    :func:`shared.planner.partition` gives it, their evaluations, no report;
+    ``aggregate_only`` builds the run that reports on the whole plan from
+    the store once every shard is done.  Without either, one run does it all.
     """
     plan = plan or build_plan(spec)
     if kubernetes is None:
         kubernetes = store_uri.startswith("s3://")
-    all_tasks: list[Any] = []
+    cluster = cluster or spec.cluster_config()
+    s3 = store_uri.startswith("s3://")
+    owned: Optional[set[str]] = None
+    if aggregate_only:
+        owned = set()
+    elif shard is not None and shard[1] > 1:
+        owned = set(partition(plan, shard[1])[shard[0]])
+    with_report = aggregate_only or shard is None or shard[1] == 1
+    all_tasks: list[tuple[Any, str, str]] = []  # (task, component name, resource family)
     # one data JSON per edit batch: the tasks of batch b read edit batch b
     batch_data = [spec.data.for_batch(b).model_dump_json() for b in range(plan.num_batches)]
     data_json = batch_data[0]
@@ -86,17 +166,23 @@ def build_pipeline(
     def batch_label(b: int) -> str:
         return f" [batch {b}]" if batched else ""
 
-    @dsl.pipeline(name=pipeline_name(spec), description=spec.description or f"lm-compose experiment {spec.name}")
+    description = spec.description or f"lm-compose experiment {spec.name}"
+    if owned is not None:
+        description += " (aggregation run)" if aggregate_only else f" (run {shard[0] + 1} of {shard[1]})"
+
+    @dsl.pipeline(name=pipeline_name(spec, shard, aggregate_only), description=description)
     def pipeline(store_uri: str = store_uri) -> None:
         base = prepare_base(store_uri=store_uri, model_source=spec.model, trust_remote_code=spec.trust_remote_code)
         base.set_display_name("base model")
-        all_tasks.append(base)
+        all_tasks.append((base, "prepare_base", "default"))
         base_digest = base.outputs["base_digest"]
         # (node id, batch) -> checkpoint key; a node whose steps do not read the edits is
         # computed once (batch 0) and shared by every batch
         keys = {("base", 0): base.outputs["model_key"]}
         interventions = [base]
         for node in plan.step_nodes:
+            if owned is not None and node.id not in owned:
+                continue
             step = node.steps[-1]
             for b in range(plan.batches_of(node)):
                 parent = keys.get((node.parent, b), keys.get((node.parent, 0)))
@@ -114,17 +200,18 @@ def build_pipeline(
                 )
                 keys[(node.id, b)] = task.output
                 interventions.append(task)
-                all_tasks.append(task)
+                all_tasks.append((task, step["method"], _family(step["method"])))
         # evaluations: loops over the evaluated models (constant step lists), the evaluators inside;
         # they start once all interventions are done and run side by side (kfp.local: two at a time).
         # Batch 0 evaluates everything; a further batch re-evaluates what depends on its edits only.
         evaluations = []
+        evaluated = [n for n in plan.evaluated_nodes if owned is None or n.id in owned]
         for b in range(plan.num_batches):
             if b == 0:  # every model, every evaluator
-                groups = [(list(plan.evaluated_nodes), list(plan.evaluators))]
+                groups = [(list(evaluated), list(plan.evaluators))]
             else:  # models edited with batch b: everything; shared models: the evaluators reading the edits
-                dependent = [n for n in plan.evaluated_nodes if plan.batches_of(n) > 1]
-                shared = [n for n in plan.evaluated_nodes if plan.batches_of(n) == 1]
+                dependent = [n for n in evaluated if plan.batches_of(n) > 1]
+                shared = [n for n in evaluated if plan.batches_of(n) == 1]
                 groups = [
                     (dependent, list(plan.evaluators)),
                     (shared, [e for e in plan.evaluators if shared and plan.evaluation_batches(shared[0], e) > 1]),
@@ -144,20 +231,76 @@ def build_pipeline(
                         task.set_display_name(f"eval {name}{batch_label(b)}")
                         task.after(*interventions)
                         evaluations.append(task)
-                        all_tasks.append(task)
-        agg = aggregate(store_uri=store_uri, base_digest=base_digest, plan=plan_json, data=data_json, options=options_json)
-        agg.set_display_name("composability report")
-        agg.after(*evaluations)
-        all_tasks.append(agg)
+                        all_tasks.append((task, f"evaluate_{name}", "evaluate"))
+        if with_report:
+            agg = aggregate(
+                store_uri=store_uri, base_digest=base_digest, plan=plan_json, data=data_json, options=options_json
+            )
+            agg.set_display_name("composability report")
+            if evaluations:
+                agg.after(*evaluations)
+            all_tasks.append((agg, "aggregate", "default"))
         if kubernetes:
-            for task in all_tasks:
-                attach_store_access(task)
+            for task, component, family in all_tasks:
+                place_task(task, component, family, cluster, s3)
 
     return pipeline
 
 
-def compile_pipeline(spec: ExperimentSpec, store_uri: str, output: str) -> None:
-    """Write the pipeline YAML (IR) of ``spec`` to ``output``."""
+def _family(method: str) -> str:
+    """The resource family of an intervention: its category (edit, unlearn, compress)."""
+    from shared.interventions import get_intervention
+
+    return get_intervention(method).category.value
+
+
+def compile_pipeline(
+    spec: ExperimentSpec,
+    store_uri: str,
+    output: str,
+    cluster: Optional[ClusterConfig] = None,
+    shard: Optional[tuple[int, int]] = None,
+    aggregate_only: bool = False,
+    plan: Optional[Plan] = None,
+) -> None:
+    """Write the pipeline YAML (IR) of ``spec`` -- or of one shard / the aggregation run -- to ``output``.
+
+    A compiled pipeline is for a cluster, so it always carries the cluster
+    task settings (``cluster``, default: the spec's).
+    """
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(spec, store_uri), package_path=output)
+    pipeline = build_pipeline(
+        spec, store_uri, plan=plan, kubernetes=True, cluster=cluster, shard=shard, aggregate_only=aggregate_only
+    )
+    compiler.Compiler().compile(pipeline, package_path=output)
+
+
+def compile_study(
+    spec: ExperimentSpec, store_uri: str, out_dir: str, cluster: Optional[ClusterConfig] = None
+) -> list[str]:
+    """Compile every run of a study: one file, or ``cluster.shards`` shard files plus the aggregation run.
+
+    Returns the paths in submission order (the aggregation run last).
+    """
+    from pathlib import Path
+
+    cluster = cluster or spec.cluster_config()
+    plan = build_plan(spec)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = cluster.shards
+    if n == 1:
+        path = out / f"{spec.name}.pipeline.yaml"
+        compile_pipeline(spec, store_uri, str(path), cluster, plan=plan)
+        return [str(path)]
+    partition(plan, n)  # fails early, naming the number of subtrees, if n is too large
+    paths = []
+    for i in range(n):
+        path = out / f"{spec.name}.shard-{i + 1}-of-{n}.pipeline.yaml"
+        compile_pipeline(spec, store_uri, str(path), cluster, shard=(i, n), plan=plan)
+        paths.append(str(path))
+    path = out / f"{spec.name}.aggregate.pipeline.yaml"
+    compile_pipeline(spec, store_uri, str(path), cluster, aggregate_only=True, plan=plan)
+    paths.append(str(path))
+    return paths

@@ -2,7 +2,8 @@
 
     lmcompose plan SPEC [--store URI]
     lmcompose run SPEC [--store URI] [--out DIR]
-    lmcompose compile SPEC -o FILE [--store URI]
+    lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N]
+    lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N]
     lmcompose report --results FILE [--out DIR]
 
 Specs are validated before anything expensive starts; a bad spec prints one
@@ -19,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.spec import SpecError
+
 DEFAULT_STORE = ".lmcompose/store"
 
 
@@ -29,8 +32,36 @@ def _store_uri(args: argparse.Namespace, spec) -> str:
     return uri
 
 
+def _cluster(args: argparse.Namespace, spec):
+    """The spec's cluster settings over the placement file's, with ``--shards`` on top."""
+    from shared.cluster import load_placement, merge_cluster
+
+    placement = load_placement(args.placement) if getattr(args, "placement", None) else None
+    cluster = spec.cluster_config(placement)
+    if getattr(args, "shards", None):
+        cluster = merge_cluster(cluster.model_dump(mode="json", exclude_none=True), {"shards": args.shards})
+    return cluster
+
+
+def _cluster_store_uri(args: argparse.Namespace, spec) -> str:
+    """The store of a cluster run: --store, the spec's, the placement file's lmcompose-store ConfigMap, $LMCOMPOSE_STORE."""
+    from shared.cluster import load_store_uri
+    from shared.store import StoreError
+
+    uri = args.store or spec.store
+    if not uri and getattr(args, "placement", None):
+        uri = load_store_uri(args.placement)
+    uri = uri or os.environ.get("LMCOMPOSE_STORE")
+    if not uri or not uri.startswith("s3://"):
+        raise StoreError(
+            f"a cluster run needs an s3:// store (got {uri or 'none'}): pass --store s3://bucket/prefix, set the "
+            "spec's 'store', or render manifests/ with the lmcompose-store ConfigMap and pass it as --placement"
+        )
+    return uri
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from shared.planner import build_plan, format_plan
+    from shared.planner import build_plan, format_plan, pipeline_counts
     from shared.spec import load_spec
 
     # listing what a store holds needs every input's digest, so S3 data is fetched then only
@@ -42,19 +73,117 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         done = completed_nodes(_store_uri(args, spec), spec, plan)
     print(format_plan(plan, done))
+    cluster = _cluster(args, spec)
+    try:
+        runs = pipeline_counts(plan, cluster.shards)
+    except ValueError as exc:
+        raise SpecError(f"cluster.{exc}") from None
+    shards = cluster.shards
+    print(
+        f"pipeline runs:      {runs['pipeline_runs']}"
+        + (f" ({shards} shards + 1 aggregation run)" if shards > 1 else " (one run; cluster.shards: 1)")
+    )
+    print(f"KFP tasks:          {runs['tasks']} (largest run: {runs['largest_run_tasks']})")
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.builder import compile_pipeline
+    from pipelines.builder import compile_pipeline, compile_study
     from shared.spec import load_spec
 
     # s3:// data inputs are read by the pipeline's steps, which may see buckets this machine cannot
     spec = load_spec(args.spec, fetch_remote=False)
-    compile_pipeline(spec, _store_uri(args, spec), args.output)
-    print(f"wrote {args.output}")
+    cluster = _cluster(args, spec)
+    store_uri = _store_uri(args, spec)
+    if not store_uri.startswith("s3://"):
+        print(f"warning: store {store_uri} is a local folder, which cluster tasks cannot see; "
+              "pass --store s3://bucket/prefix for a cluster", file=sys.stderr)
+    out = Path(args.output)
+    if cluster.shards > 1 or out.is_dir() or args.output.endswith("/"):
+        try:
+            paths = compile_study(spec, store_uri, str(out), cluster)
+        except ValueError as exc:
+            raise SpecError(f"cluster.{exc}") from None
+    else:
+        compile_pipeline(spec, store_uri, str(out), cluster)
+        paths = [str(out)]
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _kfp_client(args: argparse.Namespace):
+    """A ``kfp.Client`` for ``--host``; credentials only from the environment.
+
+    In a cluster pod kfp picks up the projected service-account token itself
+    (KF_PIPELINES_SA_TOKEN_PATH); from outside, ``LMCOMPOSE_KFP_TOKEN`` (a
+    bearer token) or ``LMCOMPOSE_KFP_COOKIES`` (e.g. an ``authservice_session``
+    cookie of a Dex-protected Kubeflow) are passed on.
+    """
+    import kfp
+
+    return kfp.Client(
+        host=args.host,
+        namespace=args.namespace,
+        existing_token=os.environ.get("LMCOMPOSE_KFP_TOKEN") or None,
+        cookies=os.environ.get("LMCOMPOSE_KFP_COOKIES") or None,
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipelines.builder import compile_study, pipeline_name
+    from shared.spec import load_spec
+
+    spec = load_spec(args.spec, fetch_remote=False)
+    cluster = _cluster(args, spec)
+    store_uri = _cluster_store_uri(args, spec)
+    experiment = args.experiment or f"lmcompose-{spec.name}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            paths = compile_study(spec, store_uri, tmp, cluster)
+        except ValueError as exc:
+            raise SpecError(f"cluster.{exc}") from None
+        if args.aggregate_only:
+            if cluster.shards == 1:
+                raise SpecError("--aggregate-only: the study is not sharded (cluster.shards is 1); its run reports itself")
+            paths = paths[-1:]
+        shard_paths, aggregation = (paths, None) if cluster.shards == 1 or args.aggregate_only else (paths[:-1], paths[-1])
+        client = _kfp_client(args)
+        submitted = []
+        for path in shard_paths:
+            name = Path(path).name.removesuffix(".pipeline.yaml")
+            run = client.create_run_from_pipeline_package(
+                path, arguments={}, run_name=name, experiment_name=experiment, namespace=args.namespace,
+                service_account=args.service_account, enable_caching=False,
+            )
+            submitted.append(run.run_id)
+            print(f"submitted {name}: run {run.run_id}  {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
+        if aggregation is None:
+            return 0
+        if not args.wait:
+            print(f"\n{len(submitted)} shard runs submitted. When all have succeeded, submit the report run:\n"
+                  f"  lmcompose submit {args.spec} --host {args.host} --aggregate-only"
+                  + (f" --experiment {args.experiment}" if args.experiment else "")
+                  + (f" --store {args.store}" if args.store else ""))
+            return 0
+        failed = []
+        for run_id in submitted:
+            result = client.wait_for_run_completion(run_id, timeout=args.timeout)
+            if str(result.state).upper() != "SUCCEEDED":
+                failed.append(f"{run_id} ({result.state})")
+        if failed:
+            print(f"error: shard run(s) did not succeed: {', '.join(failed)}; fix and re-submit them "
+                  "(finished steps are found in the store), then --aggregate-only", file=sys.stderr)
+            return 1
+        run = client.create_run_from_pipeline_package(
+            aggregation, arguments={}, run_name=pipeline_name(spec, aggregate_only=True), experiment_name=experiment,
+            namespace=args.namespace, service_account=args.service_account, enable_caching=False,
+        )
+        print(f"submitted the aggregation run: {run.run_id}")
     return 0
 
 
@@ -121,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--store", help="store URI; marks steps already done there")
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
+    p.add_argument("--placement", help="cluster placement file (see manifests/): counts runs with its shards")
+    p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a spec end to end with kfp.local on this machine")
@@ -129,11 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: outputs/<spec name>)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("compile", help="compile a spec to a Kubeflow pipeline YAML")
+    p = sub.add_parser("compile", help="compile a spec to Kubeflow pipeline YAML (one file, or a folder of shard runs)")
     p.add_argument("spec")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--store", help="store URI the pipeline will use")
+    p.add_argument("-o", "--output", required=True, help="output file; a folder when the study is sharded")
+    p.add_argument("--store", help="store URI the pipeline will use (s3://bucket/prefix in a cluster)")
+    p.add_argument("--placement", help="cluster placement file: a cluster block, or rendered manifests/ "
+                   "holding the lmcompose-placement ConfigMap")
+    p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("submit", help="compile a spec and submit it to Kubeflow Pipelines")
+    p.add_argument("spec")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui)")
+    p.add_argument("--experiment", help="KFP experiment name (default: lmcompose-<spec name>)")
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--service-account", help="service account the run's pods use (default: KFP's)")
+    p.add_argument("--store", help="s3:// store URI (default: spec's, the placement file's, $LMCOMPOSE_STORE)")
+    p.add_argument("--placement", help="cluster placement file (see --help of compile)")
+    p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
+    p.add_argument("--wait", action="store_true", help="wait for the shard runs, then submit the aggregation run")
+    p.add_argument("--timeout", type=int, default=7 * 24 * 3600, help="seconds to wait per run with --wait")
+    p.add_argument("--aggregate-only", action="store_true", help="submit only the aggregation run of a sharded study")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("export", help="write a compressed checkpoint in its packed format (compressed-tensors)")
     p.add_argument("model_key", help="checkpoint key, e.g. from the model_key column of results.csv")
@@ -150,15 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shared.cluster import PlacementError
     from shared.data import DataError
-    from shared.spec import SpecError
     from shared.store import StoreError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (SpecError, DataError, StoreError) as exc:
+    except (SpecError, DataError, StoreError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -252,3 +252,70 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
     ]
     return "\n".join(lines)
 
+
+
+def node_weight(plan: Plan, node: Node) -> int:
+    """Tasks a node costs in a pipeline: its intervention runs plus its evaluations."""
+    runs = plan.batches_of(node) if node.steps else 0
+    evals = sum(plan.evaluation_batches(node, e) for e in plan.evaluators) if node.compositions else 0
+    return runs + evals
+
+
+def partition(plan: Plan, shards: int) -> list[list[str]]:
+    """Split the plan into ``shards`` groups of node ids that can run as separate pipeline runs.
+
+    The unit is a whole subtree under the base model (every model that starts
+    with the same first step): a step's parent is then always computed in the
+    same run, and no two runs write the same checkpoint.  Subtrees go to the
+    lightest shard, heaviest first; the base model (and its evaluation) goes
+    to the first shard.  Raises ``ValueError`` when there are fewer subtrees
+    than shards.
+    """
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    children: dict[str | None, list[Node]] = {}
+    for node in plan.nodes.values():
+        children.setdefault(node.parent, []).append(node)
+
+    def subtree(node: Node) -> list[Node]:
+        out, stack = [], [node]
+        while stack:
+            n = stack.pop()
+            out.append(n)
+            stack.extend(reversed(children.get(n.id, [])))
+        return out
+
+    units = [subtree(child) for child in children.get("base", [])]
+    if shards > max(len(units), 1):
+        raise ValueError(
+            f"shards: {shards} requested but the plan has only {len(units)} independent subtree(s) "
+            f"(distinct first steps); use at most {max(len(units), 1)}"
+        )
+    bins: list[list[Node]] = [[] for _ in range(shards)]
+    weights = [0] * shards
+    if "base" in plan.nodes:
+        bins[0].append(plan.nodes["base"])
+        weights[0] += node_weight(plan, plan.nodes["base"])
+    for unit in sorted(units, key=lambda u: -sum(node_weight(plan, n) for n in u)):
+        i = min(range(shards), key=lambda k: (weights[k], k))
+        bins[i].extend(unit)
+        weights[i] += sum(node_weight(plan, n) for n in unit)
+    order = {nid: k for k, nid in enumerate(plan.nodes)}  # keep the plan's topological order in each shard
+    return [sorted((n.id for n in b), key=order.__getitem__) for b in bins]
+
+
+def pipeline_counts(plan: Plan, shards: int = 1) -> dict[str, int]:
+    """Pipeline runs and KFP tasks of the plan split into ``shards`` runs.
+
+    Each shard run prepares the base model (a quick lookup once it is in the
+    store) and runs its steps and evaluations; with more than one shard a
+    separate aggregation run (base lookup + report) follows.
+    """
+    parts = partition(plan, shards)
+    per_shard = [1 + sum(node_weight(plan, plan.nodes[nid]) for nid in part) for part in parts]
+    aggregation = 1 if shards == 1 else 2
+    return {
+        "pipeline_runs": shards + (0 if shards == 1 else 1),
+        "tasks": sum(per_shard) + aggregation,
+        "largest_run_tasks": max(per_shard) + (1 if shards == 1 else 0),
+    }

@@ -171,6 +171,28 @@ class ExperimentSpec(BaseModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     data: DataConfig = Field(default_factory=DataConfig)
     store: str | None = Field(None, description="store URI; the CLI's --store overrides it")
+    cluster: dict[str, Any] | None = Field(
+        None, description="task placement in a Kubernetes cluster (shared/cluster.py); ignored by kfp.local"
+    )
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from shared.cluster import describe_error, merge_cluster
+
+        if v is None:
+            return v
+        try:
+            merge_cluster(v)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise ValueError(describe_error(exc)) from None
+        return v
+
+    def cluster_config(self, placement: dict[str, Any] | None = None):
+        """The validated cluster settings: defaults, then ``placement`` (a cluster-wide file), then this spec's block."""
+        from shared.cluster import merge_cluster
+
+        return merge_cluster(placement, self.cluster)
 
     @field_validator("model")
     @classmethod
@@ -255,6 +277,8 @@ def _format_validation_error(exc: ValidationError) -> str:
     # validators of a whole entry report the sub-field first ("sweep.sparsity[1]: ..."): join the paths
     head, sep, rest = msg.partition(": ")
     if sep and loc and re.fullmatch(r"(sweep|params)\.[\w.\[\]]+", head):
+        loc, msg = f"{loc}.{head}", rest
+    elif sep and loc == "cluster" and re.fullmatch(r"[\w.\[\]]+", head):
         loc, msg = f"{loc}.{head}", rest
     elif sep and not loc and re.fullmatch(r"interventions\[\d+\][\w.\[\]]*", head):
         loc, msg = head, rest

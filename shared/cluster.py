@@ -1,0 +1,288 @@
+"""Cluster settings of an experiment: what each task asks of Kubernetes.
+
+An experiment spec may carry a ``cluster:`` block; a cluster-wide placement
+file (``manifests/`` renders it as the ConfigMap ``lmcompose-placement``)
+may carry the same block.  Both are optional: the defaults below are sized for
+an 8B model in bfloat16 (weights 16 GB) on one 80 GB GPU per task.
+
+Why the settings live here and not in the components: a component is reusable
+in any pipeline and must not hard-code a cluster's node labels; the pipeline
+builder applies these settings to each task when it compiles a spec, so the
+compiled YAML carries GPU requests, retries, node selectors, tolerations and
+the *names* of the Secret and ConfigMap whose values become environment
+variables -- never a credential.
+
+Precedence (lowest first): the defaults, the placement file, the spec's
+``cluster`` block; mappings merge key by key (``resources.ft.memory`` in the
+spec changes only that field of ``ft``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Kubernetes resource quantity, e.g. "8", "500m", "64Gi", "80G"
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+#: Kubernetes label key (optional DNS prefix + name) and value
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_DURATION = re.compile(r"^[0-9]+(s|m|h)$")
+
+#: task kinds besides the interventions and evaluators (their component names)
+FIXED_TASKS = ("prepare_base", "aggregate")
+#: keys of ``resources`` that apply to a whole family of tasks
+FAMILY_KEYS = ("default", "edit", "unlearn", "compress", "evaluate")
+
+
+class Resources(BaseModel):
+    """What one task requests; ``None`` leaves a field to the next level down."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'")
+    memory: str | None = Field(None, description="memory request and limit, e.g. '64Gi'")
+    accelerator_type: str | None = Field(None, description="the GPU resource name, e.g. 'nvidia.com/gpu'")
+    accelerator_count: int | None = Field(None, ge=0, le=16, description="GPUs per task; 0 runs on CPU nodes")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is not None and not _QUANTITY.match(str(v)):
+            raise ValueError(f"not a Kubernetes quantity: {v!r} (e.g. '8', '500m', '64Gi')")
+        return None if v is None else str(v)
+
+    def over(self, lower: "Resources") -> "Resources":
+        """These settings with unset fields taken from ``lower``."""
+        return Resources(**{k: v if v is not None else getattr(lower, k) for k, v in self.model_dump().items()})
+
+    @property
+    def uses_gpu(self) -> bool:
+        return bool(self.accelerator_count)
+
+
+class Toleration(BaseModel):
+    """A Kubernetes toleration (the fields of ``core/v1 Toleration``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Toleration":
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator 'Exists' takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("toleration_seconds needs effect 'NoExecute'")
+        return self
+
+
+def _default_resources() -> dict[str, Resources]:
+    """Sizing for an 8B model in bfloat16: one GPU per model-touching task, CPU-only bookkeeping."""
+    gpu = dict(accelerator_type="nvidia.com/gpu", accelerator_count=1)
+    return {
+        # the family defaults; a method or evaluator key overrides its family
+        "default": Resources(cpu="8", memory="64Gi", **gpu),
+        "edit": Resources(cpu="8", memory="64Gi", **gpu),
+        "unlearn": Resources(cpu="8", memory="96Gi", **gpu),  # GA/GD hold optimizer state for half the layers
+        "compress": Resources(cpu="8", memory="96Gi", **gpu),  # calibration activations are offloaded to host memory
+        "evaluate": Resources(cpu="8", memory="48Gi", **gpu),
+        # no GPU: counting zeros and grid points, converting/downloading the base model, building the report
+        "evaluate_compression": Resources(cpu="4", memory="48Gi", accelerator_count=0),
+        "prepare_base": Resources(cpu="4", memory="64Gi", accelerator_count=0),
+        "aggregate": Resources(cpu="2", memory="8Gi", accelerator_count=0),
+    }
+
+
+class ClusterConfig(BaseModel):
+    """The ``cluster`` block of a spec (and of the placement file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    resources: dict[str, Resources] = Field(default_factory=_default_resources)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="labels a GPU node must carry, e.g. {'nvidia.com/gpu.product': 'NVIDIA-A100-SXM4-80GB'}"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+        description="tolerations of GPU tasks (GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule)",
+    )
+    cpu_node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for CPU-only tasks")
+    retries: int = Field(2, ge=0, le=10, description="re-runs of a failed task (node loss, OOM kill, S3 hiccup)")
+    retry_backoff: str = Field("2m", description="wait before the first retry; doubles each time")
+    timeout_hours: float = Field(24, gt=0, description="a task running longer is stopped (and retried)")
+    scratch_size: str = Field("200Gi", description="emptyDir at /scratch for the checkpoint cache of a task")
+    s3_secret: str = Field("lmcompose-s3-credentials", description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    store_config_map: str = Field("lmcompose-store", description="ConfigMap with AWS_ENDPOINT_URL/AWS_REGION")
+    hf_token_secret: str | None = Field(None, description="Secret with key HF_TOKEN, for gated hub models")
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    shards: int = Field(1, ge=1, le=1000, description="pipeline runs the study is split into (plus one aggregation run)")
+
+    @field_validator("node_selector", "cpu_node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"{key!r} is not a valid node label key")
+            if not _LABEL_VALUE.match(str(value)) or len(str(value)) > 63:
+                raise ValueError(f"{key}: {value!r} is not a valid label value")
+        return {k: str(v) for k, v in v.items()}
+
+    @field_validator("s3_secret", "store_config_map", "hf_token_secret")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        if v is not None and not _DNS_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid Kubernetes object name (lowercase letters, digits, '-', '.')")
+        return v
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            cls._object_name(name)
+        return v
+
+    @field_validator("retry_backoff")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        if not _DURATION.match(v):
+            raise ValueError(f"{v!r} is not a duration like '90s', '2m', '1h'")
+        return v
+
+    @field_validator("scratch_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if not _QUANTITY.match(v):
+            raise ValueError(f"not a Kubernetes quantity: {v!r} (e.g. '200Gi')")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _known_tasks(cls, v: dict[str, Resources]) -> dict[str, Resources]:
+        allowed = task_names()
+        for key in v:
+            if key not in allowed:
+                raise ValueError(f"resources.{key}: unknown task; allowed: {', '.join(allowed)}")
+        return v
+
+    def resources_for(self, task: str, family: str) -> Resources:
+        """The settings of ``task`` (component name): its own, then its family's, then ``default``."""
+        chain = [self.resources.get(task), self.resources.get(family), self.resources.get("default")]
+        out = Resources()
+        for level in chain:
+            if level is not None:
+                out = out.over(level)
+        return out
+
+    @property
+    def backoff_seconds(self) -> int:
+        n, unit = int(self.retry_backoff[:-1]), self.retry_backoff[-1]
+        return n * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def task_names() -> list[str]:
+    """Every key ``resources`` accepts: families, fixed tasks, methods, evaluator components."""
+    from shared.evaluation import EVALUATORS
+    from shared.interventions import available
+
+    return [*FAMILY_KEYS, *FIXED_TASKS, *available(), *(f"evaluate_{e}" for e in EVALUATORS)]
+
+
+def _merge(lower: Any, upper: Any) -> Any:
+    """Deep merge of two raw YAML values: mappings key by key, anything else replaced."""
+    if isinstance(lower, dict) and isinstance(upper, dict):
+        out = dict(lower)
+        for key, value in upper.items():
+            out[key] = _merge(lower.get(key), value) if key in lower else value
+        return out
+    return upper
+
+
+def merge_cluster(*layers: dict[str, Any] | None) -> ClusterConfig:
+    """Validate the merged raw ``cluster`` blocks (lowest precedence first) over the defaults."""
+    defaults = ClusterConfig().model_dump(mode="json", exclude_none=True)
+    merged: dict[str, Any] = defaults
+    for layer in layers:
+        if layer:
+            merged = _merge(merged, layer)
+    return ClusterConfig.model_validate(merged)
+
+
+#: name of the ConfigMap in manifests/ that holds the cluster's placement, and its data key
+PLACEMENT_CONFIG_MAP = "lmcompose-placement"
+PLACEMENT_KEY = "cluster.yaml"
+
+
+class PlacementError(ValueError):
+    """A placement file that is not a cluster block or does not hold the placement ConfigMap."""
+
+
+def load_placement(path: Path | str) -> dict[str, Any]:
+    """The raw ``cluster`` block of a placement file.
+
+    The file is either a plain YAML mapping (the ``cluster`` block itself) or
+    a YAML stream of Kubernetes objects -- e.g. the output of ``kubectl
+    kustomize manifests/overlays/<name>`` -- containing the ConfigMap
+    ``lmcompose-placement`` whose ``cluster.yaml`` key holds the block.  The
+    result is validated by :func:`merge_cluster` together with the spec.
+    """
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as exc:
+        raise PlacementError(f"placement file {path}: {exc}") from None
+    objects = [d for d in docs if isinstance(d, dict) and "apiVersion" in d and "kind" in d]
+    if not objects:
+        if len(docs) != 1 or not isinstance(docs[0], dict):
+            raise PlacementError(f"placement file {path}: expected one mapping (a cluster block) or Kubernetes objects")
+        return docs[0]
+    for obj in objects:
+        if obj.get("kind") == "ConfigMap" and obj.get("metadata", {}).get("name") == PLACEMENT_CONFIG_MAP:
+            text = (obj.get("data") or {}).get(PLACEMENT_KEY)
+            if text is None:
+                raise PlacementError(f"placement file {path}: ConfigMap {PLACEMENT_CONFIG_MAP} has no key {PLACEMENT_KEY!r}")
+            block = yaml.safe_load(text) or {}
+            if not isinstance(block, dict):
+                raise PlacementError(f"placement file {path}: {PLACEMENT_CONFIG_MAP}/{PLACEMENT_KEY} is not a mapping")
+            return block
+    raise PlacementError(f"placement file {path}: no ConfigMap named {PLACEMENT_CONFIG_MAP} among its {len(objects)} objects")
+
+
+def describe_error(exc: Exception) -> str:
+    """``resources.ft.memory: not a Kubernetes quantity ...`` from a pydantic error of :func:`merge_cluster`."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    err = exc.errors()[0]
+    loc = ""
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = err["msg"].removeprefix("Value error, ")
+    head, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"resources\.[\w]+", head):  # the resources validator names its own key
+        loc, msg = head, rest
+    return f"{loc or 'cluster'}: {msg}"
+
+
+#: the ConfigMap in manifests/ that names the store, and its key
+STORE_CONFIG_MAP = "lmcompose-store"
+STORE_KEY = "LMCOMPOSE_STORE"
+
+
+def load_store_uri(path: Path | str) -> str | None:
+    """``LMCOMPOSE_STORE`` of the ``lmcompose-store`` ConfigMap in a rendered manifest file, if there is one."""
+    try:
+        docs = list(yaml.safe_load_all(Path(path).read_text()))
+    except (OSError, yaml.YAMLError):
+        return None
+    for obj in docs:
+        if isinstance(obj, dict) and obj.get("kind") == "ConfigMap" and obj.get("metadata", {}).get("name") == STORE_CONFIG_MAP:
+            return (obj.get("data") or {}).get(STORE_KEY)
+    return None
