@@ -149,11 +149,11 @@ def build_pipeline(
         kubernetes = store_uri.startswith("s3://")
     cluster = cluster or spec.cluster_config()
     s3 = store_uri.startswith("s3://")
-    owned: Optional[set[str]] = None
+    owned: Optional[set[tuple[str, int]]] = None  # (node id, edit batch) pairs of this run; None: everything
     if aggregate_only:
         owned = set()
     elif shard is not None and shard[1] > 1:
-        owned = set(partition(plan, shard[1])[shard[0]])
+        owned = partition(plan, shard[1])[shard[0]]
     with_report = aggregate_only or shard is None or shard[1] == 1
     all_tasks: list[tuple[Any, str, str]] = []  # (task, component name, resource family)
     # one data JSON per edit batch: the tasks of batch b read edit batch b
@@ -181,10 +181,10 @@ def build_pipeline(
         keys = {("base", 0): base.outputs["model_key"]}
         interventions = [base]
         for node in plan.step_nodes:
-            if owned is not None and node.id not in owned:
-                continue
             step = node.steps[-1]
             for b in range(plan.batches_of(node)):
+                if owned is not None and (node.id, b) not in owned:
+                    continue
                 parent = keys.get((node.parent, b), keys.get((node.parent, 0)))
                 task = intervention_component(step["method"])(
                     store_uri=store_uri,
@@ -205,8 +205,8 @@ def build_pipeline(
         # they start once all interventions are done and run side by side (kfp.local: two at a time).
         # Batch 0 evaluates everything; a further batch re-evaluates what depends on its edits only.
         evaluations = []
-        evaluated = [n for n in plan.evaluated_nodes if owned is None or n.id in owned]
         for b in range(plan.num_batches):
+            evaluated = [n for n in plan.evaluated_nodes if owned is None or (n.id, b) in owned]
             if b == 0:  # every model, every evaluator
                 groups = [(list(evaluated), list(plan.evaluators))]
             else:  # models edited with batch b: everything; shared models: the evaluators reading the edits

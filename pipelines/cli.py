@@ -135,7 +135,7 @@ def _kfp_client(args: argparse.Namespace):
 def cmd_submit(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipelines.builder import compile_study, pipeline_name
+    from pipelines.builder import compile_study
     from shared.spec import load_spec
 
     spec = load_spec(args.spec, fetch_remote=False)
@@ -180,7 +180,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   "(finished steps are found in the store), then --aggregate-only", file=sys.stderr)
             return 1
         run = client.create_run_from_pipeline_package(
-            aggregation, arguments={}, run_name=pipeline_name(spec, aggregate_only=True), experiment_name=experiment,
+            aggregation, arguments={}, run_name=Path(aggregation).name.removesuffix(".pipeline.yaml"),
+            experiment_name=experiment,
             namespace=args.namespace, service_account=args.service_account, enable_caching=False,
         )
         print(f"submitted the aggregation run: {run.run_id}")

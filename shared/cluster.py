@@ -266,7 +266,7 @@ def describe_error(exc: Exception) -> str:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
     msg = err["msg"].removeprefix("Value error, ")
     head, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"resources\.[\w]+", head):  # the resources validator names its own key
+    if sep and re.fullmatch(r"resources\.[\w-]+", head):  # the resources validator names its own key
         loc, msg = head, rest
     return f"{loc or 'cluster'}: {msg}"
 

@@ -254,22 +254,34 @@ def format_plan(plan: Plan, done: set[str] | None = None) -> str:
 
 
 
-def node_weight(plan: Plan, node: Node) -> int:
-    """Tasks a node costs in a pipeline: its intervention runs plus its evaluations."""
-    runs = plan.batches_of(node) if node.steps else 0
-    evals = sum(plan.evaluation_batches(node, e) for e in plan.evaluators) if node.compositions else 0
+def node_weight(plan: Plan, node: Node, batch: int | None = None) -> int:
+    """Tasks a node costs in a pipeline: its intervention runs plus its evaluations (of one edit batch, or all)."""
+    from shared.evaluation import EVALUATOR_DATA
+
+    batches = range(plan.num_batches) if batch is None else [batch]
+    runs = sum(1 for b in batches if node.steps and b < plan.batches_of(node))
+    evals = 0
+    if node.compositions:
+        for e in plan.evaluators:
+            per_batch = plan.evaluation_batches(node, e) > 1
+            evals += sum(1 for b in batches if b == 0 or per_batch)
     return runs + evals
 
 
-def partition(plan: Plan, shards: int) -> list[list[str]]:
-    """Split the plan into ``shards`` groups of node ids that can run as separate pipeline runs.
+#: a shard's share of the plan: (node id, edit batch) pairs; a node computed once owns every batch's evaluations
+Share = set[tuple[str, int]]
 
-    The unit is a whole subtree under the base model (every model that starts
-    with the same first step): a step's parent is then always computed in the
-    same run, and no two runs write the same checkpoint.  Subtrees go to the
-    lightest shard, heaviest first; the base model (and its evaluation) goes
-    to the first shard.  Raises ``ValueError`` when there are fewer subtrees
-    than shards.
+
+def partition(plan: Plan, shards: int) -> list[Share]:
+    """Split the plan into ``shards`` shares that can run as separate pipeline runs.
+
+    The units are whole subtrees under the base model (every model that starts
+    with the same first step), so a step's parent is always computed in the
+    same run and no two runs write the same checkpoint.  A subtree whose first
+    step reads the edits is different for every edit batch, so it splits
+    further into one unit per batch.  Units go to the lightest shard, heaviest
+    first; the base model and its evaluations go to the first shard.  Raises
+    ``ValueError`` when there are fewer units than shards.
     """
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
@@ -285,23 +297,31 @@ def partition(plan: Plan, shards: int) -> list[list[str]]:
             stack.extend(reversed(children.get(n.id, [])))
         return out
 
-    units = [subtree(child) for child in children.get("base", [])]
+    all_batches = range(plan.num_batches)
+    units: list[tuple[int, Share]] = []  # (weight, share)
+    for child in children.get("base", []):
+        nodes = subtree(child)
+        if plan.batches_of(child) > 1:  # every node below reads the edits too: one unit per batch
+            for b in all_batches:
+                units.append((sum(node_weight(plan, n, b) for n in nodes), {(n.id, b) for n in nodes}))
+        else:
+            units.append((sum(node_weight(plan, n) for n in nodes), {(n.id, b) for n in nodes for b in all_batches}))
     if shards > max(len(units), 1):
         raise ValueError(
-            f"shards: {shards} requested but the plan has only {len(units)} independent subtree(s) "
-            f"(distinct first steps); use at most {max(len(units), 1)}"
+            f"shards: {shards} requested but the plan has only {len(units)} independent unit(s) "
+            f"(subtrees under the base model, split by edit batch where their first step reads the edits); "
+            f"use at most {max(len(units), 1)}"
         )
-    bins: list[list[Node]] = [[] for _ in range(shards)]
+    bins: list[Share] = [set() for _ in range(shards)]
     weights = [0] * shards
     if "base" in plan.nodes:
-        bins[0].append(plan.nodes["base"])
+        bins[0].update(("base", b) for b in all_batches)
         weights[0] += node_weight(plan, plan.nodes["base"])
-    for unit in sorted(units, key=lambda u: -sum(node_weight(plan, n) for n in u)):
+    for weight, share in sorted(units, key=lambda u: -u[0]):
         i = min(range(shards), key=lambda k: (weights[k], k))
-        bins[i].extend(unit)
-        weights[i] += sum(node_weight(plan, n) for n in unit)
-    order = {nid: k for k, nid in enumerate(plan.nodes)}  # keep the plan's topological order in each shard
-    return [sorted((n.id for n in b), key=order.__getitem__) for b in bins]
+        bins[i] |= share
+        weights[i] += weight
+    return bins
 
 
 def pipeline_counts(plan: Plan, shards: int = 1) -> dict[str, int]:
@@ -312,7 +332,10 @@ def pipeline_counts(plan: Plan, shards: int = 1) -> dict[str, int]:
     separate aggregation run (base lookup + report) follows.
     """
     parts = partition(plan, shards)
-    per_shard = [1 + sum(node_weight(plan, plan.nodes[nid]) for nid in part) for part in parts]
+    per_shard = [
+        1 + sum(node_weight(plan, plan.nodes[nid], b) for nid, b in part)
+        for part in parts
+    ]
     aggregation = 1 if shards == 1 else 2
     return {
         "pipeline_runs": shards + (0 if shards == 1 else 1),

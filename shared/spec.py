@@ -278,7 +278,7 @@ def _format_validation_error(exc: ValidationError) -> str:
     head, sep, rest = msg.partition(": ")
     if sep and loc and re.fullmatch(r"(sweep|params)\.[\w.\[\]]+", head):
         loc, msg = f"{loc}.{head}", rest
-    elif sep and loc == "cluster" and re.fullmatch(r"[\w.\[\]]+", head):
+    elif sep and loc == "cluster" and re.fullmatch(r"[\w.\[\]-]+", head):
         loc, msg = f"{loc}.{head}", rest
     elif sep and not loc and re.fullmatch(r"interventions\[\d+\][\w.\[\]]*", head):
         loc, msg = head, rest
