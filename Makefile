@@ -10,6 +10,13 @@ SPEC   ?= pipelines/experiments/demo.yaml
 BUILD  ?= build
 IMAGE_REPOSITORY ?= ghcr.io/lm-compose/lm-compose
 IMAGE_TAG ?= 0.1.0
+IMAGE_CPU  = $(IMAGE_REPOSITORY):$(IMAGE_TAG)-cpu
+IMAGE_CUDA = $(IMAGE_REPOSITORY):$(IMAGE_TAG)-cuda
+# pipelines compiled by make (components/image.py) name the images make builds
+export LMCOMPOSE_IMAGE_REPOSITORY ?= $(IMAGE_REPOSITORY)
+export LMCOMPOSE_IMAGE_TAG ?= $(IMAGE_TAG)
+# docker or podman, the first that works; CONTAINER_ENGINE=podman picks one
+CONTAINER_ENGINE ?=
 
 .PHONY: install demo test test-fast compile plan images clean s3-server bench-s3
 
@@ -55,12 +62,34 @@ compile: install
 	mkdir -p $(BUILD)
 	$(VENV)/bin/lmcompose compile $(SPEC) -o $(BUILD)/$(notdir $(basename $(SPEC))).pipeline.yaml
 
+# the CPU and CUDA images (images/README.md); tags must match components/image.py,
+# which compiled pipelines take them from (tests/test_images.py checks)
+.PHONY: images push-images
+# sets $$engine to the first working container engine, or says why there is none and fails
+define find_engine
+engine=; why=; \
+for e in $(or $(CONTAINER_ENGINE),docker podman); do \
+	if ! command -v $$e >/dev/null 2>&1; then why="$$why\n  $$e: not installed"; \
+	elif $$e info >/dev/null 2>&1; then engine=$$e; break; \
+	else why="$$why\n  $$e: installed, but '$$e info' fails (daemon not running, or no permission to use it)"; fi; \
+done; \
+if [ -z "$$engine" ]; then \
+	printf 'make %s: no working container engine, nothing done:%b\n' "$@" "$$why"; \
+	echo "Install docker (and start its daemon: 'sudo systemctl start docker', or Docker Desktop) or podman,"; \
+	echo "or run this on a machine that has one (it needs Docker Hub, PyPI and download.pytorch.org)."; \
+	exit 1; \
+fi
+endef
+
 images:
-	@engine=$$(command -v docker || command -v podman); \
-	if [ -z "$$engine" ] || ! $$engine info >/dev/null 2>&1; then \
-		echo "make images: no working docker or podman engine on this machine; nothing built"; exit 1; fi; \
-	$$engine build -f images/Dockerfile.cpu -t $(IMAGE_REPOSITORY):$(IMAGE_TAG)-cpu . && \
-	$$engine build -f images/Dockerfile.cuda -t $(IMAGE_REPOSITORY):$(IMAGE_TAG)-cuda .
+	@$(find_engine); set -x; \
+	$$engine build -f images/Dockerfile.cpu --build-arg LMCOMPOSE_VERSION=$(IMAGE_TAG) -t $(IMAGE_CPU) . && \
+	$$engine build -f images/Dockerfile.cuda --build-arg LMCOMPOSE_VERSION=$(IMAGE_TAG) -t $(IMAGE_CUDA) .
+
+# push both tags (after `docker login ghcr.io` or the like)
+push-images: images
+	@$(find_engine); set -x; \
+	$$engine push $(IMAGE_CPU) && $$engine push $(IMAGE_CUDA)
 
 clean:
 	rm -rf $(BUILD) outputs .lmcompose .pytest_cache
