@@ -49,7 +49,8 @@ def pipeline_name(spec: ExperimentSpec, shard: Optional[tuple[int, int]] = None,
     return f"lmcompose-{spec.name}"
 
 
-#: Kubernetes objects from manifests/base that give tasks access to an S3 store
+#: Kubernetes objects that give tasks access to an S3 store (manifests/credentials makes the Secret,
+#: manifests/base the ConfigMap; the names can be changed per cluster: cluster.s3_secret / store_config_map)
 S3_SECRET = "lmcompose-s3-credentials"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 STORE_CONFIG_MAP = "lmcompose-store"

@@ -96,6 +96,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # s3:// data inputs are read by the pipeline's steps, which may see buckets this machine cannot
     spec = load_spec(args.spec, fetch_remote=False)
     cluster = _cluster(args, spec)
+    if not args.store and not spec.store and args.placement:
+        from shared.cluster import load_store_uri
+
+        args.store = load_store_uri(args.placement)
     store_uri = _store_uri(args, spec)
     if not store_uri.startswith("s3://"):
         print(f"warning: store {store_uri} is a local folder, which cluster tasks cannot see; "
@@ -115,20 +119,28 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _kfp_client(args: argparse.Namespace):
-    """A ``kfp.Client`` for ``--host``; credentials only from the environment.
+    """A ``kfp.Client`` for ``--host``; credentials only from the environment or the pod.
 
-    In a cluster pod kfp picks up the projected service-account token itself
-    (KF_PIPELINES_SA_TOKEN_PATH); from outside, ``LMCOMPOSE_KFP_TOKEN`` (a
-    bearer token) or ``LMCOMPOSE_KFP_COOKIES`` (e.g. an ``authservice_session``
-    cookie of a Dex-protected Kubeflow) are passed on.
+    ``LMCOMPOSE_KFP_TOKEN`` (a bearer token) or ``LMCOMPOSE_KFP_COOKIES``
+    (e.g. the ``authservice_session`` cookie of a Dex-protected Kubeflow) are
+    passed on.  Without them, inside a pod with KFP's projected
+    service-account token (``$KF_PIPELINES_SA_TOKEN_PATH``, default
+    ``/var/run/secrets/kubeflow/pipelines/token``), that token is used and
+    re-read as the kubelet refreshes it -- kfp.Client does not do this by
+    itself when ``host`` is given, and a ``--wait`` outlives one token.
     """
     import kfp
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
+    token = os.environ.get("LMCOMPOSE_KFP_TOKEN") or None
+    cookies = os.environ.get("LMCOMPOSE_KFP_COOKIES") or None
+    credentials = None
+    token_file = os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or KF_PIPELINES_SA_TOKEN_PATH
+    if token is None and cookies is None and os.path.isfile(token_file):
+        credentials = ServiceAccountTokenVolumeCredentials(token_file)
     return kfp.Client(
-        host=args.host,
-        namespace=args.namespace,
-        existing_token=os.environ.get("LMCOMPOSE_KFP_TOKEN") or None,
-        cookies=os.environ.get("LMCOMPOSE_KFP_COOKIES") or None,
+        host=args.host, namespace=args.namespace, existing_token=token, cookies=cookies, credentials=credentials
     )
 
 

@@ -445,3 +445,19 @@ def test_submit_needs_an_s3_store(kfp_api, capsys, monkeypatch):
     assert rc == 2
     assert "a cluster run needs an s3:// store" in capsys.readouterr().err
     assert kfp_api.calls == []  # nothing was sent
+
+
+def test_submit_from_a_pod_uses_the_projected_service_account_token(kfp_api, tmp_path, monkeypatch):
+    """Inside a pod (manifests/examples/submit-job.yaml) KFP's projected token authenticates the calls."""
+    from pipelines.cli import main
+
+    token = tmp_path / "token"
+    token.write_text("projected-token-1")
+    monkeypatch.delenv("LMCOMPOSE_KFP_TOKEN", raising=False)
+    monkeypatch.delenv("LMCOMPOSE_KFP_COOKIES", raising=False)
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+    rc = main(["submit", str(ROOT / "pipelines" / "experiments" / "demo.yaml"), "--host", kfp_api.url,
+               "--store", "s3://b/p"])
+    assert rc == 0 and len(kfp_api.runs()) == 1
+    posted = [c for c in kfp_api.calls if c[0] == "POST"]
+    assert posted and all(c[3].get("authorization") == "Bearer projected-token-1" for c in posted)
