@@ -1,7 +1,7 @@
 """Component: the aggregation step -- results table, composability metrics, report."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Markdown, Output
+from kfp.dsl import HTML, Dataset, Markdown, Output
 
 from components.image import BASE_IMAGE
 
@@ -14,9 +14,15 @@ def aggregate(
     data: str,
     options: str,
     report: Output[Markdown],
+    report_html: Output[HTML],
     results: Output[Dataset],
 ) -> str:
-    """Collect every evaluation of ``plan`` from the store and write the report; output the report's store key."""
+    """Collect every evaluation of ``plan`` from the store and write the report; output the report's store key.
+
+    The Kubeflow UI shows ``report_html`` (tables and plots in one page) in the
+    task's visualizations; ``report`` is the same as Markdown (its plots are
+    relative links, complete in the store's copy of the report folder).
+    """
     import shutil
     import tempfile
 
@@ -26,5 +32,6 @@ def aggregate(
     with tempfile.TemporaryDirectory() as tmp:
         paths = run(store_uri, base_digest, plan, data, options, tmp)
         shutil.copyfile(paths["report"], report.path)
+        shutil.copyfile(paths["report_html"], report_html.path)
         shutil.copyfile(paths["results"], results.path)
     return report_key(base_digest, plan, data, options)

@@ -424,7 +424,50 @@ def build_report(
     md = _markdown(title, results, pairs, integrated_all, wins, plots, notes, floor, out_dir)
     written["report"] = out_dir / "report.md"
     written["report"].write_text(md, encoding="utf-8")
+    written["report_html"] = out_dir / "report.html"
+    written["report_html"].write_text(html_report(md, out_dir, title), encoding="utf-8")
     return written
+
+
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 80em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead { background: #f3f3f3; }
+img { max-width: 42em; display: block; margin: 0.5em 0 1.5em; }
+"""
+
+
+def html_report(markdown_text: str, base_dir: Path, title: str) -> str:
+    """The report as one self-contained HTML page: the Markdown rendered, every plot inlined.
+
+    The Kubeflow UI renders an HTML artifact in its visualization pane but
+    cannot follow a Markdown file's relative ``plots/...`` links, so the
+    plots are embedded as data URIs.  Rendering uses ``markdown-it-py``
+    (CommonMark with tables).
+    """
+    import base64
+    import html
+    from urllib.parse import unquote
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+
+    def inline(match: re.Match) -> str:
+        src = unquote(html.unescape(match.group(1)))
+        path = (base_dir / src).resolve()
+        if not path.is_file() or base_dir.resolve() not in path.parents:
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{_HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n"
+    )
 
 
 def _markdown(

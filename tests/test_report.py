@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import base64
 import re
 from pathlib import Path
 
@@ -106,6 +107,27 @@ def test_build_report_writes_everything(tmp_path: Path) -> None:
     assert "| ft > wanda | wanda > ft |" in md.replace("| criterion ", "")  # order columns named by order
     # measurements of every row are listed
     assert md.count("avg_bits") >= 1 and "4.25" in md
+
+    # the self-contained HTML page the Kubeflow UI shows: every plot inlined, every table rendered
+    page = written["report_html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>Synthetic run</title>" in page
+    inlined = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(inlined) == len(plots)
+    assert sorted(base64.b64decode(d) for d in inlined) == sorted(p.read_bytes() for p in plots)
+    assert 'src="plots/' not in page
+    assert page.count("<table>") == md.count("\n|---") and "<th>ft &gt; wanda</th>" in page
+
+
+def test_html_report_inlines_only_plots_inside_the_report_folder(tmp_path: Path) -> None:
+    from shared.report import html_report
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "a.png").write_bytes(b"\x89PNG-inside")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG-outside")
+    page = html_report("![a](a.png)\n\n![s](../secret.png)\n\n<script>x</script>\n", tmp_path / "report", "t")
+    assert base64.b64encode(b"\x89PNG-inside").decode() in page
+    assert base64.b64encode(b"\x89PNG-outside").decode() not in page and 'src="../secret.png"' in page
+    assert "<script>" not in page  # raw HTML in the Markdown is escaped, not passed through
 
 
 def test_report_tables_content(tmp_path: Path) -> None:
