@@ -279,7 +279,8 @@ def test_example_submit_job_matches_the_manifests():
     find(base, "ServiceAccount", pod["serviceAccountName"])
     (container,) = pod["containers"]
     refs = {(k, v["name"]) for src in container["envFrom"] for k, v in src.items()}
-    assert refs == {("configMapRef", STORE_CONFIG_MAP), ("secretRef", ClusterConfig().s3_secret)}
+    # the store URI only: submitting reads no object, so the Job gets no S3 credentials
+    assert refs == {("configMapRef", STORE_CONFIG_MAP)}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["placement"]["configMap"]["name"] == PLACEMENT_CONFIG_MAP
     find(base, "ConfigMap", PLACEMENT_CONFIG_MAP)
