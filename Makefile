@@ -18,7 +18,7 @@ export LMCOMPOSE_IMAGE_TAG ?= $(IMAGE_TAG)
 # docker or podman, the first that works; CONTAINER_ENGINE=podman picks one
 CONTAINER_ENGINE ?=
 
-.PHONY: install demo test test-fast compile plan images clean s3-server bench-s3
+.PHONY: install demo test test-fast compile plan submit components images clean s3-server bench-s3
 
 install: $(VENV)/.installed
 
@@ -60,7 +60,18 @@ test-fast: install
 
 compile: install
 	mkdir -p $(BUILD)
-	$(VENV)/bin/lmcompose compile $(SPEC) -o $(BUILD)/$(notdir $(basename $(SPEC))).pipeline.yaml
+	$(VENV)/bin/lmcompose compile $(SPEC) -o $(BUILD)/ \
+		$(if $(STORE_URI),--store $(STORE_URI)) $(if $(PLACEMENT),--placement $(PLACEMENT))
+
+# `make submit SPEC=... HOST=http://localhost:8080 PLACEMENT=placement.yaml` (README "Run on a cluster")
+submit: install
+	@test -n "$(HOST)" || { echo "make submit: set HOST=<KFP API URL>, e.g. HOST=http://localhost:8080"; exit 2; }
+	$(VENV)/bin/lmcompose submit $(SPEC) --host $(HOST) $(if $(PLACEMENT),--placement $(PLACEMENT)) \
+		$(if $(STORE_URI),--store $(STORE_URI)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(WAIT),--wait)
+
+# the standalone component files under components/yaml/ (a test checks they are up to date)
+components: install
+	$(PY) -m pipelines.component_yaml
 
 # the CPU and CUDA images (images/README.md); tags must match components/image.py,
 # which compiled pipelines take them from (tests/test_images.py checks)

@@ -105,6 +105,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"warning: store {store_uri} is a local folder, which cluster tasks cannot see; "
               "pass --store s3://bucket/prefix for a cluster", file=sys.stderr)
     out = Path(args.output)
+    if cluster.shards > 1 and out.suffix in (".yaml", ".yml", ".json"):
+        raise SpecError(
+            f"cluster.shards: the study is split into {cluster.shards} runs plus an aggregation run; "
+            f"-o must name a folder for their files, not {args.output}"
+        )
     if cluster.shards > 1 or out.is_dir() or args.output.endswith("/"):
         try:
             paths = compile_study(spec, store_uri, str(out), cluster)

