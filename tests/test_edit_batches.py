@@ -126,14 +126,16 @@ def test_kfp_local_two_batches_are_averaged(tmp_path) -> None:
     from pipelines.local import run_local
     from shared.report import load_results
 
-    spec = parse_spec(TINY_BATCHED)
+    # the edit evaluator only (half the tasks): its criteria differ per batch even on the shared
+    # wanda model, since each batch asks its own edits
+    spec = parse_spec({**TINY_BATCHED, "evaluation": {**TINY_BATCHED["evaluation"], "evaluators": ["edit"]}})
     store = tmp_path / "store"
     report_dir = run_local(spec, str(store), tmp_path / "out")
     results = load_results(report_dir / "results.csv")
     by_batch = pd.read_csv(report_dir / "results_by_batch.csv")
     assert len(results) == 5 and (results["num_batches"] == 2).all()
     assert sorted(by_batch["edit_batch"].tolist()) == [0] * 5 + [1] * 5
-    for criterion in ("edit_success", "edit_locality", "sparsity"):
+    for criterion in ("edit_success", "edit_locality"):
         mean = by_batch.groupby("composition")[criterion].mean()
         for _, row in results.iterrows():
             assert row[criterion] == pytest.approx(mean[row["composition"]])

@@ -1,4 +1,9 @@
-"""A full kfp.local pipeline run with checkpoints in a real S3 server (SeaweedFS), then a resume that recomputes nothing."""
+"""A full kfp.local pipeline run with checkpoints in a real S3 server (SeaweedFS), then a resume that recomputes nothing.
+
+This is also the suite's end-to-end check of a swept FT x Wanda experiment
+(``tests/test_pipeline.TINY_SPEC``); the local-folder store is exercised end to
+end by the other kfp.local tests (edit batches, re-compression, component YAMLs).
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,8 @@ import pytest
 from shared.planner import build_plan
 from shared.spec import parse_spec
 from tests.s3server import SeaweedS3
+from tests.test_pipeline import TINY_SPEC
 
-SPEC = {
-    "name": "tiny-s3",
-    "model": "builtin:tiny-random",
-    "interventions": [
-        {"method": "ft", "params": {"steps": 2, "layers": [0, 1]}},
-        {"method": "wanda", "params": {"num_calibration_samples": 4, "calibration_seq_len": 32, "sparsity": 0.5}},
-    ],
-    "evaluation": {"evaluators": ["compression", "perplexity"], "batch_size": 4, "max_length": 32},
-    "data": {"num_edits": 4},
-}
 BUCKET = "lmcompose-pipeline"
 
 
@@ -38,7 +34,10 @@ def _objects(env: dict[str, str]) -> dict[str, tuple[str, int]]:
 
 
 @pytest.mark.slow
-def test_kfp_local_run_through_s3_store_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_kfp_local_run_through_s3_store_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    import yaml
+
+    from pipelines.cli import main
     from pipelines.local import run_local
     from shared.report import load_results
 
@@ -52,19 +51,33 @@ def test_kfp_local_run_through_s3_store_then_resume(tmp_path: Path, monkeypatch:
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         uri = f"s3://{BUCKET}/experiments"
-        spec = parse_spec(SPEC)
+        spec = parse_spec(TINY_SPEC)
         plan = build_plan(spec)
 
         report = run_local(spec, uri, tmp_path / "out")
         results = load_results(report / "results.csv")
-        assert len(results) == len(plan.compositions) == 5
-        assert results.set_index("composition").loc["ft > wanda", "sparsity"] == pytest.approx(0.5, abs=0.005)
+        assert len(results) == len(plan.compositions) == 8  # base, ft, 2x wanda, 2x ft>wanda, 2x wanda>ft
+        by_label = results.set_index("composition")
+        assert by_label.loc["base", "sparsity"] == pytest.approx(0.0, abs=1e-6)
+        for s in (0.25, 0.5):
+            assert by_label.loc[f"wanda(sparsity={s})", "sparsity"] == pytest.approx(s, abs=0.005)
+            assert by_label.loc[f"ft > wanda(sparsity={s})", "sparsity"] == pytest.approx(s, abs=0.005)
+            assert by_label.loc[f"wanda(sparsity={s}) > ft", "sparsity"] < s  # ft moved pruned weights again
+        assert results["perplexity"].notna().all()
+        assert (report / "report.md").is_file()
 
         first = _objects(env)
         manifests = [k for k in first if k.startswith("experiments/ckpt/") and k.endswith("/manifest.json")]
         results_docs = [k for k in first if k.startswith("experiments/results/")]
         assert len(manifests) == 1 + len(plan.step_nodes)  # base + every distinct step, each committed
         assert len(results_docs) == len(plan.evaluated_nodes) * len(plan.evaluators)
+
+        # `lmcompose plan SPEC --store` marks every step of the finished run as done
+        spec_file = tmp_path / "tiny.yaml"
+        spec_file.write_text(yaml.safe_dump(TINY_SPEC))
+        capsys.readouterr()
+        assert main(["plan", str(spec_file), "--store", uri]) == 0
+        assert capsys.readouterr().out.count("[done]") == len(plan.nodes)
 
         # second run of the same spec: nothing is written outside the report (counts, not timings)
         run_local(spec, uri, tmp_path / "out2")
