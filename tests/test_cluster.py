@@ -461,3 +461,23 @@ def test_submit_from_a_pod_uses_the_projected_service_account_token(kfp_api, tmp
     assert rc == 0 and len(kfp_api.runs()) == 1
     posted = [c for c in kfp_api.calls if c[0] == "POST"]
     assert posted and all(c[3].get("authorization") == "Bearer projected-token-1" for c in posted)
+
+
+def test_kfp_setters_see_the_same_caller_without_source_lookups():
+    """The compile speed-up keeps what kfp reads from the stack and restores kfp's module afterwards."""
+    import inspect
+
+    from kfp.dsl import pipeline_task
+
+    from pipelines.builder import _kfp_setters_without_source_lookup
+
+    def names(frames) -> list[tuple[str, int, str]]:
+        return [(f.filename, f.lineno, f.function) for f in frames]
+
+    with _kfp_setters_without_source_lookup():
+        cheap, full = pipeline_task.inspect.stack(), inspect.stack()
+        assert pipeline_task.inspect.signature is inspect.signature  # everything else forwarded
+    assert [n[2] for n in names(cheap)] == [n[2] for n in names(full)]
+    assert [n[0] for n in names(cheap)] == [n[0] for n in names(full)]
+    assert all(f.code_context is None for f in cheap)
+    assert pipeline_task.inspect is inspect
