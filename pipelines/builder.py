@@ -20,12 +20,8 @@ waits for the whole loop.
 """
 
 
-import contextlib
-import inspect
 import json
-import sys
-import types
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from kfp import dsl
 
@@ -33,6 +29,7 @@ from components import evaluator_component, intervention_component
 from components.aggregate import aggregate
 from components.image import CPU_IMAGE
 from components.prepare_base import prepare_base
+from pipelines.kfp_speedups import kfp_setters_without_source_lookup
 from shared.cluster import ClusterConfig
 from shared.planner import Plan, build_plan, describe_step, partition
 from shared.spec import ExperimentSpec
@@ -92,58 +89,8 @@ def place_task(task: Any, component: str, family: str, cluster: ClusterConfig, s
     (a step finds its finished checkpoint and returns at once), and a KFP
     cache hit could skip a step whose checkpoint was deleted from the store.
     """
-    with _kfp_setters_without_source_lookup():
+    with kfp_setters_without_source_lookup():
         _apply_placement(task, component, family, cluster, s3)
-
-
-@contextlib.contextmanager
-def _kfp_setters_without_source_lookup() -> Iterator[None]:
-    """Let kfp's task setters find their caller's name without reading every frame's source.
-
-    ``PipelineTask.set_cpu_request`` and seven other setters call
-    ``inspect.stack()`` only to name the setter in an error message; that call
-    reads the source context of every frame on the stack and, per frame, scans
-    all of ``sys.modules``.  Placing a task calls eight such setters, so
-    compiling the 40-shard editing x compression study spent 9 of its 40 s
-    there (``lmcompose compile``), and a compile inside a process that has
-    imported transformers and lm-eval (the test suite) three quarters of its
-    time.  Inside this block the module's ``inspect.stack`` returns the same
-    frames without source context (the only field kfp reads, the function
-    name, is unchanged).  If kfp stops using ``inspect`` there, this does nothing.
-    """
-    from kfp.dsl import pipeline_task
-
-    original = getattr(pipeline_task, "inspect", None)
-    if original is not inspect:
-        yield
-        return
-    pipeline_task.inspect = _INSPECT_WITHOUT_SOURCE
-    try:
-        yield
-    finally:
-        pipeline_task.inspect = original
-
-
-def _stack_without_source(context: int = 1) -> list[inspect.FrameInfo]:
-    """``inspect.stack()`` without the source lines and module lookups (``code_context`` is None)."""
-    frames = []
-    frame = sys._getframe(1)
-    while frame is not None:
-        frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None, None))
-        frame = frame.f_back
-    return frames
-
-
-class _InspectWithoutSource(types.ModuleType):
-    """``inspect`` as seen by kfp.dsl.pipeline_task: everything forwarded, ``stack`` cheap."""
-
-    stack = staticmethod(_stack_without_source)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(inspect, name)
-
-
-_INSPECT_WITHOUT_SOURCE = _InspectWithoutSource("inspect")
 
 
 def _apply_placement(task: Any, component: str, family: str, cluster: ClusterConfig, s3: bool) -> None:

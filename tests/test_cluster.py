@@ -469,12 +469,12 @@ def test_kfp_setters_see_the_same_caller_without_source_lookups():
 
     from kfp.dsl import pipeline_task
 
-    from pipelines.builder import _kfp_setters_without_source_lookup
+    from pipelines.kfp_speedups import kfp_setters_without_source_lookup
 
     def names(frames) -> list[tuple[str, int, str]]:
         return [(f.filename, f.lineno, f.function) for f in frames]
 
-    with _kfp_setters_without_source_lookup():
+    with kfp_setters_without_source_lookup():
         cheap, full = pipeline_task.inspect.stack(), inspect.stack()
         assert pipeline_task.inspect.signature is inspect.signature  # everything else forwarded
     assert [n[2] for n in names(cheap)] == [n[2] for n in names(full)]
