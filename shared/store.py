@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -87,12 +88,79 @@ def build_manifest(folder: Path, key: str, meta: dict[str, Any]) -> dict[str, An
     return {"format": MANIFEST_FORMAT, "key": key, "created": time.time(), "files": files, "meta": meta}
 
 
-def verify_folder(folder: Path, manifest: dict[str, Any], key: str) -> None:
-    """Check every file listed in ``manifest`` against ``folder``; name the first bad file."""
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("key") != key:
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RESERVED_NAMES = {MANIFEST, VERIFIED_STAMP}
+
+
+class UnsafePath(CorruptCheckpoint):
+    """A file name from stored data that would leave its folder (absolute, ``..``, odd characters)."""
+
+
+def safe_relative_name(name: Any, what: str = "file name") -> str:
+    """``name`` if it is a plain relative POSIX path that stays inside its folder; else :class:`UnsafePath`.
+
+    Why: names in a manifest (and any other name read from stored data) come
+    from whoever can write to the store.  Joined to a local folder unchecked,
+    ``/home/user/.bashrc`` or ``../../x`` would make a reader write or read
+    files anywhere its user can -- code execution for anyone with write access
+    to a bucket.  Allowed: non-empty parts separated by ``/``, none of them
+    ``.``/``..``, no backslash, NUL or other control characters, not
+    starting with ``/`` or a drive letter, and not our own reserved names.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafePath(f"{what} {name!r} is not a non-empty string")
+    if len(name) > 1024 or any(ord(c) < 32 or c in "\\\x7f" for c in name):
+        raise UnsafePath(f"{what} {name!r} has control characters, a backslash or is too long")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise UnsafePath(f"{what} {name!r} is absolute")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafePath(f"{what} {name!r} has an empty, '.' or '..' part")
+    if parts[-1] in _RESERVED_NAMES or (parts[-1].startswith(".") and parts[-1].endswith(".part")):
+        raise UnsafePath(f"{what} {name!r} collides with a name the store itself uses")
+    return name
+
+
+def contained_path(folder: Path, name: str, what: str = "file name") -> Path:
+    """``folder / name`` after checking ``name`` and that the result (symlinks resolved) is inside ``folder``."""
+    path = Path(folder) / safe_relative_name(name, what)
+    root = Path(folder).resolve()
+    if not path.resolve().is_relative_to(root):
+        raise UnsafePath(f"{what} {name!r} resolves outside {root} (a symbolic link?)")
+    return path
+
+
+def validate_manifest(manifest: Any, key: str) -> dict[str, Any]:
+    """Check a manifest's shape and every name in it before anything is read or written by it."""
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or manifest.get("key") != key
+        or not isinstance(manifest.get("files"), dict)
+        or not manifest["files"]
+    ):
         raise CorruptCheckpoint(f"{key}: manifest has wrong format or key")
     for rel, info in manifest["files"].items():
-        path = folder / rel
+        safe_relative_name(rel, f"{key}: manifest entry")
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("size"), int)
+            or isinstance(info.get("size"), bool)
+            or info["size"] < 0
+            or not isinstance(info.get("sha256"), str)
+            or not _SHA256.fullmatch(info["sha256"])
+        ):
+            raise CorruptCheckpoint(f"{key}: manifest entry {rel!r} needs an integer size and a sha256")
+    if not isinstance(manifest.get("meta", {}), dict):
+        raise CorruptCheckpoint(f"{key}: manifest meta is not an object")
+    return manifest
+
+
+def verify_folder(folder: Path, manifest: dict[str, Any], key: str) -> None:
+    """Check every file listed in ``manifest`` against ``folder``; name the first bad file."""
+    validate_manifest(manifest, key)
+    for rel, info in manifest["files"].items():
+        path = contained_path(folder, rel, f"{key}: manifest entry")
         if not path.is_file():
             raise CorruptCheckpoint(f"{key}: file {rel} listed in the manifest is missing")
         size = path.stat().st_size
@@ -177,8 +245,8 @@ class LocalStore(Store):
         if not path.is_file():
             raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}")
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            return validate_manifest(json.loads(path.read_text()), key)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptCheckpoint(f"{key}: manifest is not valid JSON ({exc})") from exc
 
     def has_checkpoint(self, key: str) -> bool:
@@ -243,7 +311,7 @@ class LocalStore(Store):
         stamp = {"manifest_sha256": hashlib.sha256(canonical_json(manifest).encode()).hexdigest(), "files": {}}
         for rel in manifest["files"]:
             try:
-                st = (folder / rel).stat()
+                st = contained_path(folder, rel, f"{key}: manifest entry").stat()
             except FileNotFoundError:
                 break
             stamp["files"][rel] = [st.st_size, st.st_mtime_ns, st.st_ino]

@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -70,7 +71,9 @@ from shared.store import (
     Store,
     StoreError,
     canonical_json,
+    contained_path,
     sha256_file,
+    validate_manifest,
 )
 
 MB = 1024 * 1024
@@ -135,6 +138,56 @@ def default_transfer_config() -> TransferConfig:
         preferred_transfer_client="classic",  # deterministic behaviour with or without awscrt installed
     )
     return config
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise StoreError(f"{name}={value!r} is not a number") from exc
+    if number <= 0:
+        raise StoreError(f"{name}={value!r} must be positive")
+    return number
+
+
+@dataclass(frozen=True)
+class StoreDeadlines:
+    """How long the S3 store waits for a server before it gives up (one policy for every request).
+
+    * ``connect_s`` -- opening a TCP connection (default 5 s).
+    * ``probe_s`` x ``probe_attempts`` -- the first request of a store object
+      (bucket check) and lookups of single objects; an endpoint that accepts
+      connections but never answers fails here after about
+      ``probe_attempts x (connect_s + probe_s)`` = 2 x 15 s by default, with
+      an error naming the endpoint.  Without this, the data-transfer timeouts
+      below allow 8 x 120 s = 16 min of silence.
+    * ``read_s`` -- any later read of a response (large parts on a busy
+      server may take long; default 120 s), retried ``LMCOMPOSE_S3_MAX_ATTEMPTS`` times.
+
+    Environment: ``LMCOMPOSE_S3_CONNECT_TIMEOUT``, ``LMCOMPOSE_S3_PROBE_TIMEOUT``,
+    ``LMCOMPOSE_S3_PROBE_ATTEMPTS``, ``LMCOMPOSE_S3_READ_TIMEOUT`` (seconds).
+    """
+
+    connect_s: float = 5.0
+    probe_s: float = 10.0
+    probe_attempts: int = 2
+    read_s: float = 120.0
+
+    @classmethod
+    def from_env(cls) -> "StoreDeadlines":
+        return cls(
+            connect_s=_env_float("LMCOMPOSE_S3_CONNECT_TIMEOUT", cls.connect_s),
+            probe_s=_env_float("LMCOMPOSE_S3_PROBE_TIMEOUT", cls.probe_s),
+            probe_attempts=max(1, _env_int("LMCOMPOSE_S3_PROBE_ATTEMPTS", cls.probe_attempts)),
+            read_s=_env_float("LMCOMPOSE_S3_READ_TIMEOUT", cls.read_s),
+        )
+
+    def first_contact_s(self) -> float:
+        """Worst-case seconds before an unresponsive endpoint is reported."""
+        return self.probe_attempts * (self.connect_s + self.probe_s)
 
 
 def _rel(path: Path, folder: Path) -> str:
@@ -208,15 +261,26 @@ class S3Store(Store):
             "mode": retry_mode or os.environ.get("LMCOMPOSE_S3_RETRY_MODE", "adaptive"),
             "max_attempts": max_attempts or _env_int("LMCOMPOSE_S3_MAX_ATTEMPTS", 8),
         }
+        self.deadlines = StoreDeadlines.from_env()
+        addressing = {"addressing_style": "path" if self.endpoint_url else "auto"}
         config = Config(
             retries=retries,  # throttling (SlowDown, 503), 5xx and connection errors are retried with backoff
-            connect_timeout=10,
-            read_timeout=120,
+            connect_timeout=self.deadlines.connect_s,
+            read_timeout=self.deadlines.read_s,
             max_pool_connections=max(16, 2 * self.transfer_config.max_request_concurrency),
             # path-style URLs for custom endpoints: SeaweedFS/MinIO do not resolve bucket.host names
-            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+            s3=addressing,
         )
         self._client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+        # first contact and lookups of small objects use short timeouts and few attempts: an endpoint
+        # that accepts connections but never answers must fail in seconds, not after attempts x 120 s
+        probe = Config(
+            retries={"mode": "standard", "max_attempts": self.deadlines.probe_attempts},
+            connect_timeout=self.deadlines.connect_s,
+            read_timeout=self.deadlines.probe_s,
+            s3=addressing,
+        )
+        self._probe = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=probe)
         self._session = session
         if cache_dir is None:
             # the same cache root as shared.models (converted base models)
@@ -263,6 +327,12 @@ class S3Store(Store):
             return exc
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return StoreError(f"{action}: no usable AWS credentials for {self._where()}; {CREDENTIAL_HINT}")
+        if isinstance(exc, ReadTimeoutError):
+            return StoreError(
+                f"{action}: the S3 endpoint {self.endpoint_url or 'AWS S3'} accepted the connection but did not "
+                f"answer in time (store {self.uri}); is it an S3 server, and is it healthy? {ENDPOINT_HINT}; "
+                "timeouts: LMCOMPOSE_S3_PROBE_TIMEOUT / LMCOMPOSE_S3_READ_TIMEOUT"
+            )
         if isinstance(exc, _CONNECTION_ERRORS):
             return StoreError(f"{action}: cannot reach the S3 endpoint for {self._where()} ({type(exc).__name__}); {ENDPOINT_HINT}")
         if isinstance(exc, ClientError):
@@ -297,7 +367,7 @@ class S3Store(Store):
         if self._bucket_ok:
             return
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self._probe.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             code = _client_error_code(exc)
             if code in ("404", "NoSuchBucket", "NotFound"):
@@ -310,7 +380,7 @@ class S3Store(Store):
                 # HEAD responses carry no error body ("403"): a GET-type call names the real cause
                 # (InvalidAccessKeyId vs SignatureDoesNotMatch vs AccessDenied)
                 with self._errors("open store"):
-                    self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+                    self._probe.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
                 # listing is allowed although HEAD is not (a narrow bucket policy): usable
             else:
                 raise self._translate(exc, "open store") from None
@@ -374,7 +444,7 @@ class S3Store(Store):
         name = self._object(key)
         with self._errors(f"look up {self.uri}/{key}"):
             try:
-                head = self._client.head_object(Bucket=self.bucket, Key=name)
+                head = self._probe.head_object(Bucket=self.bucket, Key=name)
             except ClientError as exc:
                 if _client_error_code(exc) in _NOT_FOUND_CODES:
                     return None
@@ -431,16 +501,11 @@ class S3Store(Store):
             raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}")
         try:
             manifest = json.loads(data)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptCheckpoint(f"{key}: manifest is not valid JSON ({exc})") from exc
-        if (
-            not isinstance(manifest, dict)
-            or manifest.get("format") != MANIFEST_FORMAT
-            or manifest.get("key") != key
-            or not isinstance(manifest.get("files"), dict)
-        ):
-            raise CorruptCheckpoint(f"{key}: manifest has wrong format or key")
-        return manifest
+        # every name is checked before one byte is written: a name like /home/u/.bashrc or ../../x
+        # in a manifest someone put into the bucket must not become a path on this machine
+        return validate_manifest(manifest, key)
 
     def has_checkpoint(self, key: str) -> bool:
         """True if a valid manifest exists.
@@ -537,7 +602,7 @@ class S3Store(Store):
         stamp: dict[str, Any] = {"manifest_sha256": hashlib.sha256(canonical_json(manifest).encode()).hexdigest(), "files": {}}
         for rel in manifest["files"]:
             try:
-                st = (folder / rel).stat()
+                st = contained_path(folder, rel).stat()
             except FileNotFoundError:
                 stamp["files"][rel] = None
                 continue
@@ -573,7 +638,9 @@ class S3Store(Store):
         folder.mkdir(parents=True, exist_ok=True)
         self._sweep_partials(folder)
         prefix = self._object(key)
-        todo = [(rel, info) for rel, info in manifest["files"].items() if not self._matches(folder / rel, info)]
+        todo = [
+            (rel, info) for rel, info in manifest["files"].items() if not self._matches(contained_path(folder, rel), info)
+        ]
         pending: list[tuple[str, dict[str, Any], Path, Any, Any]] = []
 
         def finished(future: Any, fh: Any, tmp: Path) -> tuple[int, str]:
@@ -587,7 +654,7 @@ class S3Store(Store):
                 max_workers=max(1, min(4, len(todo))), thread_name_prefix="lmc-sha256"
             ) as hashers, self._transfers() as manager:
                 for rel, info in todo:
-                    dest = folder / rel
+                    dest = contained_path(folder, rel, f"{key}: manifest entry")
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
                     fh = open(tmp, "wb")
@@ -604,7 +671,7 @@ class S3Store(Store):
                         raise CorruptCheckpoint(f"{key}: file {rel} has {size} bytes, manifest says {info['size']}")
                     if digest != info["sha256"]:
                         raise CorruptCheckpoint(f"{key}: file {rel} does not match its sha256 in the manifest")
-                    os.replace(tmp, folder / rel)
+                    os.replace(tmp, contained_path(folder, rel))
         finally:
             for _rel, _info, tmp, fh, _checked in pending:
                 fh.close()
