@@ -1,15 +1,15 @@
 """Component: the aggregation step -- results table, composability metrics, report."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Markdown, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Model, Output
 
 from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def aggregate(
-    store_uri: str,
-    base_digest: str,
+    base_model: Input[Model],
+    evaluations: str,
     plan: str,
     data: str,
     options: str,
@@ -19,18 +19,35 @@ def aggregate(
 ) -> str:
     """Collect every evaluation of ``plan`` from the store and write the report; output the report's store key.
 
+    Args:
+        base_model: the base model (the 'model' output of prepare_base): names the store and the base digest.
+        evaluations: the evaluation results of this run (collect_results' output; '' for an aggregation-only
+            run of a sharded study). The table is read from the store, which must hold every result of the plan.
+        plan: the study's plan (JSON, from the pipeline builder).
+        data: the study's data section (JSON).
+        options: the evaluation options (JSON).
+
     The Kubeflow UI shows ``report_html`` (tables and plots in one page) in the
     task's visualizations; ``report`` is the same as Markdown (its plots are
     relative links, complete in the store's copy of the report folder).
     """
+    import json
     import shutil
     import tempfile
 
+    from components.runtime import read_model
     from shared.execution import aggregate as run
     from shared.execution import report_key
+    from shared.store import open_store
 
+    ref = read_model(base_model)
+    meta = open_store(ref.store_uri).checkpoint_meta(ref.key)
+    base_digest = meta["model_digest"]
+    received = json.loads(evaluations) if evaluations else []
+    received = received if isinstance(received, list) else [received]  # one evaluation needs no collect task
+    print(f"aggregating: {len(received)} evaluation task result(s) received from this run")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = run(store_uri, base_digest, plan, data, options, tmp)
+        paths = run(ref.store_uri, base_digest, plan, data, options, tmp)
         shutil.copyfile(paths["report"], report.path)
         shutil.copyfile(paths["report_html"], report_html.path)
         shutil.copyfile(paths["results"], results.path)

@@ -1,22 +1,22 @@
 """Compile an experiment spec into a Kubeflow pipeline.
 
-The plan's prefix tree becomes a static DAG of intervention tasks: one task
-per distinct step, a child taking its parent's checkpoint key as input, so it
-starts as soon as its own parent is done (no per-depth barrier; a loop per
-depth would make each depth wait for the slowest task of the previous one,
-and nested loops give wrong values under kfp.local 2.17).
+The plan's prefix tree becomes a static DAG that follows the data:
 
-Evaluations are one flat ``ParallelFor`` over the evaluated models (their step
-lists are constants of the plan), with one task per evaluator inside; each
-evaluator recomputes its model's content-addressed key from the base model's
-digest (looked up in the store by model source) and the steps.  They start when all interventions are done and run side by
-side (two at a time under kfp.local, which overlaps one task's start-up with
-another's compute on a small machine).
+* ``prepare_base`` outputs the base model as a ``Model`` artifact;
+* one intervention task per distinct step, taking its parent's ``Model``
+  output as input and the step's hyperparameters as typed arguments, so it
+  starts as soon as its own parent is done (no per-depth barrier);
+* one ``evaluate`` task per evaluated model (per edit batch where the edits
+  matter), fed by that model's artifact: it loads the model once, computes
+  every criterion and starts as soon as the model exists;
+* fan-in: the evaluations' ``results`` outputs are joined by a tree of
+  ``collect_results`` tasks (a component cannot take a variable number of
+  inputs) into the aggregator's single input, so the report waits for every
+  evaluation through data edges.  The aggregator reads the results from the
+  store under content-addressed keys recomputed from the plan, and fails if
+  one is missing.
 
-Fan-in (a component cannot take a variable number of inputs) goes through
-the store: evaluators write results under content-addressed keys that the
-aggregator recomputes from the plan it receives as a constant; the aggregator
-waits for the whole loop.
+No ``.after()`` anywhere: every dependency is a data edge.
 """
 
 
@@ -25,8 +25,10 @@ from typing import Any, Callable, Optional
 
 from kfp import dsl
 
-from components import evaluator_component, intervention_component
+from components import intervention_component
 from components.aggregate import aggregate
+from components.collect_results import FAN_IN, collect_results
+from components.evaluate import evaluate
 from components.image import CPU_IMAGE
 from components.prepare_base import prepare_base
 from pipelines.kfp_speedups import kfp_setters_without_source_lookup
@@ -180,79 +182,119 @@ def build_pipeline(
 
     @dsl.pipeline(name=pipeline_name(spec, shard, aggregate_only), description=description)
     def pipeline(store_uri: str = store_uri) -> None:
-        base = prepare_base(store_uri=store_uri, model_source=spec.model, trust_remote_code=spec.trust_remote_code)
+        base = prepare_base(model_source=spec.model, store_uri=store_uri, trust_remote_code=spec.trust_remote_code)
         base.set_display_name("base model")
         all_tasks.append((base, "prepare_base", "default"))
-        base_digest = base.outputs["base_digest"]
-        # (node id, batch) -> checkpoint key; a node whose steps do not read the edits is
+        # (node id, batch) -> Model output; a node whose steps do not read the edits is
         # computed once (batch 0) and shared by every batch
-        keys = {("base", 0): base.outputs["model_key"]}
-        interventions = [base]
+        models = {("base", 0): base.outputs["model"]}
         for node in plan.step_nodes:
             step = node.steps[-1]
             for b in range(plan.batches_of(node)):
                 if owned is not None and (node.id, b) not in owned:
                     continue
-                parent = keys.get((node.parent, b), keys.get((node.parent, 0)))
+                parent = models.get((node.parent, b), models.get((node.parent, 0)))
                 task = intervention_component(step["method"])(
-                    store_uri=store_uri,
-                    base_digest=base_digest,
-                    parent_key=parent,
-                    steps=json.dumps(node.steps, sort_keys=True),
-                    data=batch_data[b],
-                    trust_remote_code=spec.trust_remote_code,
+                    model=parent, **step_arguments(spec, step, b), trust_remote_code=spec.trust_remote_code
                 )
                 task.set_display_name(
                     " > ".join(describe_step(s, plan.sweeps.get(s["method"])) for s in node.steps)
                     + (batch_label(b) if plan.batches_of(node) > 1 else "")
                 )
-                keys[(node.id, b)] = task.output
-                interventions.append(task)
+                models[(node.id, b)] = task.outputs["model"]
                 all_tasks.append((task, step["method"], _family(step["method"])))
-        # evaluations: loops over the evaluated models (constant step lists), the evaluators inside;
-        # they start once all interventions are done and run side by side (kfp.local: two at a time).
+        # evaluations: one task per evaluated model and edit batch, fed by the model's artifact.
         # Batch 0 evaluates everything; a further batch re-evaluates what depends on its edits only.
-        evaluations = []
-        for b in range(plan.num_batches):
-            evaluated = [n for n in plan.evaluated_nodes if owned is None or (n.id, b) in owned]
-            if b == 0:  # every model, every evaluator
-                groups = [(list(evaluated), list(plan.evaluators))]
-            else:  # models edited with batch b: everything; shared models: the evaluators reading the edits
-                dependent = [n for n in evaluated if plan.batches_of(n) > 1]
-                shared = [n for n in evaluated if plan.batches_of(n) == 1]
-                groups = [
-                    (dependent, list(plan.evaluators)),
-                    (shared, [e for e in plan.evaluators if shared and plan.evaluation_batches(shared[0], e) > 1]),
-                ]
-            for nodes, evaluators in groups:
-                if not nodes or not evaluators:
+        results = []
+        for node in plan.evaluated_nodes:
+            for b in range(plan.num_batches):
+                if owned is not None and (node.id, b) not in owned:
                     continue
-                with dsl.ParallelFor(items=[json.dumps(n.steps, sort_keys=True) for n in nodes],
-                                     parallelism=spec.evaluation.parallelism) as steps:
-                    for name in evaluators:
-                        # the base model is named by its source, not by prepare_base's output: kfp.local 2.17
-                        # hands a loop body the loop item in place of an outer task's output parameter
-                        task = evaluator_component(name)(
-                            store_uri=store_uri, model_source=spec.model, steps=steps, data=batch_data[b],
-                            options=options_json,
-                        )
-                        task.set_display_name(f"eval {name}{batch_label(b)}")
-                        task.after(*interventions)
-                        evaluations.append(task)
-                        all_tasks.append((task, f"evaluate_{name}", "evaluate"))
+                evaluators = [e for e in plan.evaluators if b == 0 or plan.evaluation_batches(node, e) > 1]
+                if not evaluators:
+                    continue
+                model = models.get((node.id, b), models.get((node.id, 0)))
+                task = evaluate(model=model, **evaluation_arguments(spec, evaluators, b))
+                label = " > ".join(describe_step(s, plan.sweeps.get(s["method"])) for s in node.steps) or "base"
+                task.set_display_name(f"eval {label}{batch_label(b)}")
+                results.append(task.outputs["results"])
+                all_tasks.append((task, "evaluate", "evaluate"))
         if with_report:
+            joined = fan_in(results, all_tasks)
             agg = aggregate(
-                store_uri=store_uri, base_digest=base_digest, plan=plan_json, data=data_json, options=options_json
+                base_model=base.outputs["model"], evaluations=joined, plan=plan_json, data=data_json,
+                options=options_json,
             )
             agg.set_display_name("composability report")
-            if evaluations:
-                agg.after(*evaluations)
             all_tasks.append((agg, "aggregate", "default"))
         if kubernetes:
             for task, component, family in all_tasks:
                 place_task(task, component, family, cluster, s3)
 
     return pipeline
+
+
+def step_arguments(spec: ExperimentSpec, step: dict[str, Any], batch: int) -> dict[str, Any]:
+    """The typed arguments of one intervention task: the step's parameters and the data its method reads.
+
+    ``None`` cannot be a KFP argument: a parameter left at a ``None`` default is
+    omitted, one set to ``None`` against a non-``None`` default goes into
+    ``set_to_none``.
+    """
+    from shared.interventions import get_intervention
+
+    method = get_intervention(step["method"])
+    fields = method.params_model.model_fields
+    args: dict[str, Any] = {}
+    to_none = []
+    for name, value in step["params"].items():
+        if value is None:
+            if fields[name].get_default(call_default_factory=True) is not None:
+                to_none.append(name)
+            continue
+        args[name] = value
+    if to_none:
+        args["set_to_none"] = to_none
+    args.update(data_arguments(spec, method.data_inputs, batch))
+    return args
+
+
+def data_arguments(spec: ExperimentSpec, fields: Any, batch: int) -> dict[str, Any]:
+    """The typed data inputs for ``fields`` (with the edit batch selection when the edits are read)."""
+    args: dict[str, Any] = {}
+    for name in fields:
+        args[name] = getattr(spec.data, name)
+        if name == "edits":
+            args.update(num_edits=spec.data.num_edits, edit_seed=spec.data.edit_seed, edit_batch=batch)
+    return args
+
+
+def evaluation_arguments(spec: ExperimentSpec, evaluators: list[str], batch: int) -> dict[str, Any]:
+    """Arguments of one ``evaluate`` task (the same options key every result, see :func:`evaluation_options`)."""
+    from shared.evaluation import EVALUATOR_DATA
+
+    fields = list(dict.fromkeys(n for e in evaluators for n in EVALUATOR_DATA[e]))
+    args: dict[str, Any] = {"evaluators": list(evaluators), **data_arguments(spec, fields, batch)}
+    args.update({k: v for k, v in evaluation_options(spec).items() if v is not None})
+    return args
+
+
+def fan_in(outputs: list[Any], all_tasks: list[tuple[Any, str, str]]) -> Any:
+    """Join task outputs into one through a tree of ``collect_results`` tasks (``FAN_IN`` inputs each).
+
+    Returns the joined output, one output as it is, or ``""`` for none.
+    """
+    level = list(outputs)
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level), FAN_IN):
+            group = level[i:i + FAN_IN]
+            task = collect_results(**{f"r{j}": out for j, out in enumerate(group)})
+            task.set_display_name("collect results")
+            all_tasks.append((task, "collect_results", "default"))
+            nxt.append(task.output)
+        level = nxt
+    return level[0] if level else ""
 
 
 def _family(method: str) -> str:

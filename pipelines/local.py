@@ -28,8 +28,7 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
     from shared.execution import base_digest_in_store, report_key
     from shared.store import open_store
 
-    # two evaluation tasks run at once under kfp.local: give each half the cores
-    os.environ.setdefault("LMCOMPOSE_EVAL_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    # kfp.local runs one task at a time: every evaluation may use all cores
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = build_plan(spec)

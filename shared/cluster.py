@@ -35,7 +35,7 @@ _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _DURATION = re.compile(r"^[0-9]+(s|m|h)$")
 
 #: task kinds besides the interventions and evaluators (their component names)
-FIXED_TASKS = ("prepare_base", "aggregate")
+FIXED_TASKS = ("prepare_base", "aggregate", "collect_results")
 #: keys of ``resources`` that apply to a whole family of tasks
 FAMILY_KEYS = ("default", "edit", "unlearn", "compress", "evaluate")
 
@@ -98,6 +98,7 @@ def _default_resources() -> dict[str, Resources]:
         "evaluate_compression": Resources(cpu="4", memory="48Gi", accelerator_count=0),
         "prepare_base": Resources(cpu="4", memory="64Gi", accelerator_count=0),
         "aggregate": Resources(cpu="2", memory="8Gi", accelerator_count=0),
+        "collect_results": Resources(cpu="1", memory="1Gi", accelerator_count=0),  # joins JSON strings
     }
 
 

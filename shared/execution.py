@@ -109,10 +109,6 @@ def run_step(
     the intervention finished, so a failed or killed step leaves nothing a
     later step would trust.
     """
-    import torch
-
-    from shared.models import default_threads, load_model, save_model
-
     steps = json.loads(steps_json)
     if not steps:
         raise ValueError("run_step needs at least one step")
@@ -126,13 +122,39 @@ def run_step(
     expected_parent = checkpoint_key(base_digest, keyed[:-1])
     if parent_key and parent_key != expected_parent:
         raise ValueError(f"parent key {parent_key} does not match the steps (expected {expected_parent})")
-    folder, manifest = store.get_checkpoint(expected_parent)
+    apply_step(store, base_digest, expected_parent, keyed, steps[-1], data, trust_remote_code)
+    return key
+
+
+def apply_step(
+    store: Store,
+    base_digest: str,
+    parent_key: str,
+    keyed: list[dict[str, Any]],
+    step: dict[str, Any],
+    data: ExperimentData,
+    trust_remote_code: bool = False,
+    source: str = "",
+) -> str:
+    """Apply ``step`` to the committed checkpoint ``parent_key``; commit the result under the key of ``keyed``.
+
+    ``keyed`` is the keyed form of every step from the base model, ``step``
+    the last of them.  The new checkpoint is written to a scratch folder and
+    committed (manifest last) only after the intervention finished, so a
+    failed or killed step leaves nothing a later step would trust.
+    """
+    import torch
+
+    from shared.models import default_threads, load_model, save_model
+
+    key = checkpoint_key(base_digest, keyed)
+    folder, manifest = store.get_checkpoint(parent_key)
     parent_meta = manifest["meta"]
 
     default_threads()
     model, tokenizer = load_model(folder, trust_remote_code=trust_remote_code)
-    method = get_intervention(steps[-1]["method"])
-    params = method.parse_params(steps[-1]["params"])
+    method = get_intervention(step["method"])
+    params = method.parse_params(step["params"])
     parent_state, parent_grid_args = load_state(folder)
     torch.manual_seed(0)
     started = time.time()
@@ -153,6 +175,7 @@ def run_step(
     compression = _next_compression(parent_meta.get("compression"), record.get("compression"), method.category.value)
     meta = {
         "base_digest": base_digest,
+        "source": source or parent_meta.get("source", ""),
         "steps": keyed,
         "records": parent_meta.get("records", []) + [{"method": method.name, "record": record, "seconds": seconds}],
         "compression": compression,

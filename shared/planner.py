@@ -261,11 +261,31 @@ def node_weight(plan: Plan, node: Node, batch: int | None = None) -> int:
     batches = range(plan.num_batches) if batch is None else [batch]
     runs = sum(1 for b in batches if node.steps and b < plan.batches_of(node))
     evals = 0
-    if node.compositions:
-        for e in plan.evaluators:
-            per_batch = plan.evaluation_batches(node, e) > 1
-            evals += sum(1 for b in batches if b == 0 or per_batch)
+    if node.compositions:  # one evaluate task per model and batch (all its evaluators in one load)
+        per_batch = any(plan.evaluation_batches(node, e) > 1 for e in plan.evaluators)
+        evals = sum(1 for b in batches if b == 0 or per_batch)
     return runs + evals
+
+
+def fan_in_tasks(outputs: int, fan_in: int = 16) -> int:
+    """``collect_results`` tasks joining ``outputs`` evaluation results (a tree, ``fan_in`` inputs per task)."""
+    tasks = 0
+    while outputs > 1:
+        outputs = -(-outputs // fan_in)
+        tasks += outputs
+    return tasks
+
+
+def evaluation_tasks(plan: Plan, share: "Share | None" = None) -> int:
+    """``evaluate`` tasks of the plan (or of one shard's share)."""
+    total = 0
+    for node in plan.evaluated_nodes:
+        for b in range(plan.num_batches):
+            if share is not None and (node.id, b) not in share:
+                continue
+            if b == 0 or any(plan.evaluation_batches(node, e) > 1 for e in plan.evaluators):
+                total += 1
+    return total
 
 
 #: a shard's share of the plan: (node id, edit batch) pairs; a node computed once owns every batch's evaluations
@@ -329,13 +349,16 @@ def pipeline_counts(plan: Plan, shards: int = 1) -> dict[str, int]:
 
     Each shard run prepares the base model (a quick lookup once it is in the
     store) and runs its steps and evaluations; with more than one shard a
-    separate aggregation run (base lookup + report) follows.
+    separate aggregation run (base lookup + report) follows.  A run with the
+    report also has the ``collect_results`` tasks joining its evaluations.
     """
     parts = partition(plan, shards)
     per_shard = [
         1 + sum(node_weight(plan, plan.nodes[nid], b) for nid, b in part)
         for part in parts
     ]
+    if shards == 1:
+        per_shard[0] += fan_in_tasks(evaluation_tasks(plan))
     aggregation = 1 if shards == 1 else 2
     return {
         "pipeline_runs": shards + (0 if shards == 1 else 1),

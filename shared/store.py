@@ -198,6 +198,10 @@ class Store(ABC):
     def checkpoint_meta(self, key: str) -> dict[str, Any]:
         """The ``meta`` of a committed checkpoint's manifest (no file verification)."""
 
+    def manifest(self, key: str) -> dict[str, Any]:
+        """The committed manifest of ``key`` (shape and names checked; files not verified)."""
+        return self._read_manifest(key)  # type: ignore[attr-defined]
+
     @abstractmethod
     def put_json(self, key: str, obj: Any) -> None:
         """Atomically store a small JSON document."""
