@@ -10,12 +10,12 @@ edge from every evaluation to the report, with no ``.after()``.
 
 from kfp import dsl
 
-from components.image import CPU_IMAGE
+from components.image import BASE_IMAGE
 
 FAN_IN = 16
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def collect_results(
     r0: str = "",
     r1: str = "",
@@ -37,8 +37,23 @@ def collect_results(
     """Join evaluation results (JSON objects, or JSON lists from another collect_results) into one JSON list.
 
     Args:
-        r0: a results output of evaluate / evaluate_<criterion>, or the output of another collect_results;
-            r1 ... r15 likewise; empty inputs are skipped.
+        r0: a results output of evaluate / evaluate_<criterion>, or the output of another collect_results
+            ('' = none; r1 ... r15 likewise).
+        r1: like r0.
+        r2: like r0.
+        r3: like r0.
+        r4: like r0.
+        r5: like r0.
+        r6: like r0.
+        r7: like r0.
+        r8: like r0.
+        r9: like r0.
+        r10: like r0.
+        r11: like r0.
+        r12: like r0.
+        r13: like r0.
+        r14: like r0.
+        r15: like r0.
 
     Returns:
         A JSON list of every result object given, in input order.

@@ -5,8 +5,8 @@ Other pipelines reuse lm-compose's components without importing this project::
     from kfp import components
     wanda = components.load_component_from_file("components/yaml/wanda.yaml")
 
-One file per component -- every intervention, every evaluator, ``prepare_base``
-and ``aggregate`` -- named after the component's Python function
+One file per component -- every intervention, ``evaluate`` and every single
+evaluator, ``prepare_base``, ``collect_results`` and ``aggregate`` -- named after the component's Python function
 (``wanda.yaml``, ``evaluate_perplexity.yaml``, ``prepare_base.yaml``).
 
 The image a component names is read from the environment when
@@ -46,10 +46,13 @@ def all_components() -> dict[str, Any]:
     """Every component, by file stem (its Python function's name): interventions, evaluators, prepare_base, aggregate."""
     from components import evaluator_components, intervention_components
     from components.aggregate import aggregate
+    from components.collect_results import collect_results
+    from components.evaluate import evaluate
     from components.prepare_base import prepare_base
 
     out: dict[str, Any] = {}
-    for comp in [*intervention_components().values(), *evaluator_components().values(), prepare_base, aggregate]:
+    for comp in [*intervention_components().values(), *evaluator_components().values(), evaluate, prepare_base,
+                 collect_results, aggregate]:
         name = comp.python_func.__name__
         if name in out and out[name] is not comp:
             raise ValueError(f"two components are both named {name!r}")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from shared.cluster import ClusterConfig, PlacementError, load_placement, load_store_uri, merge_cluster
-from shared.planner import build_plan, partition, pipeline_counts
+from shared.planner import build_plan, evaluation_tasks, fan_in_tasks, partition, pipeline_counts
 from shared.spec import SpecError, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +146,10 @@ def test_shards_cover_the_plan_exactly_once(raw_or_path):
         assert owner[(parent.id, parent_batch)] == i, f"{nid}[{b}] and its parent are in different runs"
     counts = pipeline_counts(plan, shards)
     single = pipeline_counts(plan, 1)
-    # every shard looks the base model up once; the report run adds a lookup and the aggregator
-    assert counts["tasks"] == single["tasks"] + (shards - 1) + (1 if shards > 1 else 0)
+    # every shard looks the base model up once; the report run adds a lookup and the aggregator;
+    # only a one-run study joins its evaluations with collect_results tasks (a report run reads the store)
+    joins = fan_in_tasks(evaluation_tasks(plan)) if shards > 1 else 0
+    assert counts["tasks"] == single["tasks"] - joins + (shards - 1) + (1 if shards > 1 else 0)
     assert counts["pipeline_runs"] == shards + (shards > 1)
 
 
@@ -197,9 +199,12 @@ def test_sharded_runs_add_up_to_the_single_run(tmp_path):
         for name, n in _compiled_tasks(Path(p)).items():
             total[name] = total.get(name, 0) + n
     assert total.pop("comp-prepare-base") == 4 and whole.pop("comp-prepare-base") == 1
+    # the one-run pipeline joins its evaluations for the aggregator; the report run of a sharded study reads the store
+    assert whole.pop("comp-collect-results") == fan_in_tasks(evaluation_tasks(build_plan(spec)))
     assert total == whole
     assert _compiled_tasks(Path(paths[-1])) == {"comp-prepare-base": 1, "comp-aggregate": 1}
-    assert sum(whole.values()) + 1 == pipeline_counts(build_plan(spec), 1)["tasks"]
+    joins = fan_in_tasks(evaluation_tasks(build_plan(spec)))
+    assert sum(whole.values()) + 1 + joins == pipeline_counts(build_plan(spec), 1)["tasks"]
 
 
 # --- compiled study pipelines ------------------------------------------------------------------

@@ -103,20 +103,27 @@ def test_compiled_pipeline_has_a_task_per_batch_for_edit_dependent_steps(tmp_pat
     names = [comp(t) for t in tasks.values()]
     assert names.count("comp-ft") == 2 * 2  # ft and wanda>ft, once per batch
     assert names.count("comp-wanda") == 1 + 2  # wanda once; ft>wanda per batch
-    # every data input names its batch; batch 1 appears only on edit-dependent tasks
-    batches = []
-    for t in tasks.values():
-        if comp(t) in ("comp-ft", "comp-wanda"):
-            data = json.loads(t.inputs.parameters["data"].runtime_value.constant.string_value)
-            batches.append((comp(t), data["edit_batch"]))
-    assert sorted(batches) == sorted([("comp-ft", 0), ("comp-ft", 1), ("comp-ft", 0), ("comp-ft", 1),
-                                      ("comp-wanda", 0), ("comp-wanda", 0), ("comp-wanda", 1)])
-    # batch 0: one loop over every model; batch 1: the edited models (all evaluators) and the
-    # shared models (only the edit evaluator)
-    loops = [t for t in tasks.values() if comp(t) == "comp-for-loop"]
-    assert len(loops) == 3
-    sizes = sorted(len(json.loads(t.parameter_iterator.items.raw)) for t in loops)
-    assert sizes == [2, 3, 5]  # shared: base, wanda; edited: ft, ft>wanda, wanda>ft; all five
+
+    def const(t, name):
+        value = t.inputs.parameters[name].runtime_value.constant
+        return json_format.MessageToDict(value)
+
+    # every edit-reading task names its batch; batch 1 appears only on edit-dependent tasks
+    batches = sorted((comp(t), const(t, "edit_batch")) for t in tasks.values() if comp(t) == "comp-ft")
+    assert batches == [("comp-ft", 0), ("comp-ft", 0), ("comp-ft", 1), ("comp-ft", 1)]
+    assert all("edit_batch" not in t.inputs.parameters for t in tasks.values() if comp(t) == "comp-wanda")
+    # evaluation: one task per model and batch; batch 0 every evaluator on all five models, batch 1 the
+    # edited models (all evaluators) and the shared ones (only the edit evaluator)
+    evals = [t for t in tasks.values() if comp(t) == "comp-evaluate"]
+    by_batch = {}
+    for t in evals:
+        by_batch.setdefault(const(t, "edit_batch"), []).append(sorted(const(t, "evaluators")))
+    assert len(by_batch[0]) == 5 and all(e == sorted(["edit", "compression"]) for e in by_batch[0])
+    assert sorted(by_batch[1]) == sorted([["edit"], ["edit"], *[sorted(["edit", "compression"])] * 3])
+    # each evaluation is fed by its model's task (an artifact edge), batch 1 by the batch-1 model where it exists
+    for t in evals:
+        producer = t.inputs.artifacts["model"].task_output_artifact.producer_task
+        assert list(t.dependent_tasks) == [producer]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from shared.planner import build_plan
+from shared.planner import build_plan, fan_in_tasks, pipeline_counts
 from shared.spec import parse_spec
 
 TINY_SPEC = {
@@ -46,27 +46,37 @@ def test_compiled_pipeline_parses_with_kfp_protobuf(tmp_path):
         return re.sub(r"-\d+$", "", task.component_ref.name)
 
     n_steps = len(plan.step_nodes)
-    # root: base model, one task per distinct step, the evaluation loop, the aggregator
-    assert len(tasks) == 1 + n_steps + 1 + 1
-    assert sorted(comp(t) for t in tasks.values()).count("comp-ft") + sorted(
-        comp(t) for t in tasks.values()).count("comp-wanda") == n_steps
-    # children take their parent's checkpoint key as input (a real data dependency)
+    n_evals = len(plan.evaluated_nodes)
+    # root: base model, one task per distinct step, one evaluation per model, the fan-in, the aggregator
+    assert len(tasks) == 1 + n_steps + n_evals + fan_in_tasks(n_evals) + 1 == pipeline_counts(plan)["tasks"]
+    names = [comp(t) for t in tasks.values()]
+    assert names.count("comp-ft") + names.count("comp-wanda") == n_steps
+    assert names.count("comp-evaluate") == n_evals
+    # the DAG follows data: every dependency of every task is the producer of one of its inputs (no .after())
+    for name, t in tasks.items():
+        producers = {a.task_output_artifact.producer_task for a in t.inputs.artifacts.values()}
+        producers |= {p.task_output_parameter.producer_task for p in t.inputs.parameters.values()
+                      if p.HasField("task_output_parameter")}
+        assert set(t.dependent_tasks) == producers - {""}, name
+    # children take their parent's Model artifact; every evaluation takes its own model's artifact
     child = next(t for t in tasks.values() if comp(t) == "comp-wanda"
                  and any(comp(tasks[d]) == "comp-ft" for d in t.dependent_tasks))
-    assert child.inputs.parameters["parent_key"].task_output_parameter.output_parameter_key == "Output"
-    # one loop over the evaluated models, every evaluator inside, after every intervention
-    loop_name, loop = next((n, t) for n, t in tasks.items() if comp(t) == "comp-for-loop")
-    items = json.loads(loop.parameter_iterator.items.raw)
-    assert len(items) == len(plan.evaluated_nodes)
-    assert sorted(json.loads(i) == [] for i in items).count(True) == 1  # the base model
-    interventions = {n for n, t in tasks.items() if comp(t) in ("comp-ft", "comp-wanda", "comp-prepare-base")}
-    assert interventions <= set(loop.dependent_tasks)
-    body = pipeline.components[loop.component_ref.name].dag.tasks
-    assert {comp(t) for t in body.values()} == {f"comp-evaluate-{e}" for e in plan.evaluators}
-    # the aggregator waits for the whole loop
+    assert child.inputs.artifacts["model"].task_output_artifact.output_artifact_key == "model"
+    evaluated = sorted(comp(tasks[t.inputs.artifacts["model"].task_output_artifact.producer_task])
+                       for t in tasks.values() if comp(t) == "comp-evaluate")
+    assert evaluated.count("comp-prepare-base") == 1 and len(set(
+        t.inputs.artifacts["model"].task_output_artifact.producer_task
+        for t in tasks.values() if comp(t) == "comp-evaluate")) == n_evals  # exactly one evaluation per model
+    # typed hyperparameters, not JSON strings
+    wanda = next(t for t in tasks.values() if comp(t) == "comp-wanda")
+    assert json_format.MessageToDict(wanda.inputs.parameters["sparsity"].runtime_value.constant) in (0.25, 0.5)
+    # the aggregator gets every evaluation through the collect_results tree and the base model's artifact
     agg = next(t for t in tasks.values() if comp(t) == "comp-aggregate")
-    assert loop_name in agg.dependent_tasks
+    assert comp(tasks[agg.inputs.parameters["evaluations"].task_output_parameter.producer_task]) == "comp-collect-results"
+    assert comp(tasks[agg.inputs.artifacts["base_model"].task_output_artifact.producer_task]) == "comp-prepare-base"
     assert pipeline.root.input_definitions.parameters["store_uri"].default_value.string_value == "s3://bucket/prefix"
+    assert comp(tasks["prepare-base"]) == "comp-prepare-base"
+    assert tasks["prepare-base"].inputs.parameters["store_uri"].component_input_parameter == "store_uri"
     # S3 credentials reach every task from a Kubernetes Secret, never as parameters or values
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(platform) == len(pipeline.deployment_spec["executors"])
@@ -99,7 +109,7 @@ def test_shipped_experiments_plan_and_compile(path, tmp_path):
     compile_pipeline(spec, "s3://bucket/prefix", str(out))
     pipeline = pipeline_spec_pb2.PipelineSpec()
     json_format.ParseDict(next(yaml.safe_load_all(out.read_text())), pipeline)
-    assert len(pipeline.root.dag.tasks) == 1 + len(plan.step_nodes) + 1 + 1
+    assert len(pipeline.root.dag.tasks) == pipeline_counts(plan)["tasks"]
 
 
 def _pairs(plan) -> set[tuple[str, ...]]:
