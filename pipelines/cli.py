@@ -215,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store_uri = _store_uri(args, spec)
     out = Path(args.out or f"outputs/{spec.name}").resolve()
     started = time.time()
-    report_dir = run_local(spec, store_uri, out)
+    report_dir = run_local(spec, store_uri, out, live=True)
     results = load_results(report_dir / "results.csv")
     categories = {name: m.category.value for name, m in available().items()}
     print()
@@ -226,6 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"finished in {time.time() - started:.0f} s")
     print(f"report:  {report_dir / 'report.md'}")
     print(f"results: {report_dir / 'results.csv'}")
+    print(f"task logs: {out / 'logs'}")
     print(f"output folder: {report_dir}")
     return 0
 
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.live_view import RunFailed
     from shared.cluster import PlacementError
     from shared.data import DataError
     from shared.store import StoreError
@@ -327,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, DataError, StoreError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # the failing task's own error and its log: the last thing the user sees
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,19 +9,25 @@ import shutil
 from pathlib import Path
 
 from pipelines.builder import build_pipeline, evaluation_options
+from pipelines.live_view import LiveView
 from shared.planner import build_plan
 from shared.spec import ExperimentSpec
 
 log = logging.getLogger("lmcompose")
 
 
-def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
+def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path, live: bool = False) -> Path:
     """Execute ``spec`` through kfp.local's SubprocessRunner; return the folder holding the report.
 
     Tasks run as subprocesses of this Python environment (``use_venv=False``),
     so the installed library is what they import.  KFP's local cache is off:
     the store already skips completed steps, and its keys, unlike KFP's cache
     keys, cover what the steps computed from.
+
+    ``live=True`` (``lmcompose run``) shows a concise live view instead of
+    kfp.local's output and keeps every task's log under ``out_dir/logs/``;
+    a failed task then raises :class:`pipelines.live_view.RunFailed` naming
+    the task, its own error and its log.
     """
     import kfp.local
 
@@ -38,7 +44,10 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
         enable_caching=False,
     )
     pipeline = build_pipeline(spec, store_uri, plan, kubernetes=False)
-    pipeline()
+    if live:
+        _run_with_live_view(pipeline, out_dir / "logs")
+    else:
+        pipeline()
 
     # the aggregator committed the report to the store; fetch it into the output folder
     digest = base_digest_in_store(store_uri, spec.model)
@@ -54,3 +63,31 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path) -> Path:
         shutil.rmtree(report_dir)
     shutil.copytree(folder, report_dir, ignore=shutil.ignore_patterns("manifest.json"))
     return report_dir
+
+
+def _run_with_live_view(pipeline, log_dir: Path) -> None:
+    """Run ``pipeline`` with kfp.local's output going to log files and a live view on the terminal."""
+    import sys
+
+    tasks = pipeline.pipeline_spec.root.dag.tasks
+    view = LiveView({name: task.task_info.name for name, task in tasks.items()}, log_dir, out=sys.stdout).start()
+    saved = sys.stdout, sys.stderr
+    root = logging.getLogger()
+    handlers = [(h, h.stream) for h in root.handlers if isinstance(h, logging.StreamHandler)]
+    sys.stdout = sys.stderr = view
+    for handler, _stream in handlers:
+        handler.setStream(view)
+    try:
+        pipeline()
+    except BaseException:
+        view.interrupted()
+        raise_failure = True
+    else:
+        raise_failure = view.failed is not None
+    finally:
+        sys.stdout, sys.stderr = saved
+        for handler, stream in handlers:
+            handler.setStream(stream)
+        view.close()
+    if raise_failure:
+        raise view.failure()
