@@ -71,6 +71,7 @@ submit: install
 
 # the standalone component files under components/yaml/ (a test checks they are up to date)
 components: install
+	$(PY) -m pipelines.component_codegen
 	$(PY) -m pipelines.component_yaml
 
 # the CPU and CUDA images (images/README.md); tags must match components/image.py,

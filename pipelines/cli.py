@@ -1,6 +1,6 @@
 """``lmcompose`` command line: plan, run (kfp.local), compile, report.
 
-    lmcompose plan SPEC [--store URI]
+    lmcompose plan SPEC [--store URI] [--estimate [--gpus 8,64]]
     lmcompose run SPEC [--store URI] [--out DIR]
     lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N]
     lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N]
@@ -84,6 +84,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + (f" ({shards} shards + 1 aggregation run)" if shards > 1 else " (one run; cluster.shards: 1)")
     )
     print(f"KFP tasks:          {runs['tasks']} (largest run: {runs['largest_run_tasks']})")
+    if args.estimate:
+        from shared.estimate import estimate, format_estimate
+
+        try:
+            gpus = tuple(int(n) for n in args.gpus.split(","))
+        except ValueError:
+            raise SpecError(f"--gpus: expected comma-separated GPU counts such as 8,64, got {args.gpus!r}") from None
+        if any(n < 1 for n in gpus):
+            raise SpecError(f"--gpus: GPU counts must be at least 1, got {args.gpus!r}")
+        print(format_estimate(estimate(plan, gpus, shards=shards)))
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
     return 0
@@ -269,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--store", help="store URI; marks steps already done there")
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
+    p.add_argument("--estimate", action="store_true",
+                   help="estimate GPU-hours and makespan on a cluster (Llama-3-8B on A100 cost table, docs/cost-model.md)")
+    p.add_argument("--gpus", default="8,64", help="GPU counts for --estimate (default 8,64)")
     p.add_argument("--placement", help="cluster placement file (see manifests/): counts runs with its shards")
     p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
     p.set_defaults(func=cmd_plan)
