@@ -154,6 +154,9 @@ def build_pipeline(
     ``aggregate_only`` builds the run that reports on the whole plan from
     the store once every shard is done.  Without either, one run does it all.
     """
+    from shared.store import check_store_uri
+
+    check_store_uri(store_uri)  # a URI with credentials must never become a pipeline parameter's default
     plan = plan or build_plan(spec)
     if kubernetes is None:
         kubernetes = store_uri.startswith("s3://")

@@ -26,7 +26,9 @@ DEFAULT_STORE = ".lmcompose/store"
 
 
 def _store_uri(args: argparse.Namespace, spec) -> str:
-    uri = args.store or spec.store or os.environ.get("LMCOMPOSE_STORE") or DEFAULT_STORE
+    from shared.store import check_store_uri
+
+    uri = check_store_uri(args.store or spec.store or os.environ.get("LMCOMPOSE_STORE") or DEFAULT_STORE)
     if "://" not in uri:  # a local path: make it absolute so every task sees the same folder
         uri = str(Path(uri).expanduser().resolve())
     return uri
@@ -52,9 +54,13 @@ def _cluster_store_uri(args: argparse.Namespace, spec) -> str:
     if not uri and getattr(args, "placement", None):
         uri = load_store_uri(args.placement)
     uri = uri or os.environ.get("LMCOMPOSE_STORE")
+    if uri:
+        from shared.store import check_store_uri, redact_uri
+
+        check_store_uri(uri)
     if not uri or not uri.startswith("s3://"):
         raise StoreError(
-            f"a cluster run needs an s3:// store (got {uri or 'none'}): pass --store s3://bucket/prefix, set the "
+            f"a cluster run needs an s3:// store (got {redact_uri(uri) if uri else 'none'}): pass --store s3://bucket/prefix, set the "
             "spec's 'store', or render manifests/ with the lmcompose-store ConfigMap and pass it as --placement"
         )
     return uri

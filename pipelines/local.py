@@ -43,6 +43,7 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path, live: bool = 
         pipeline_root=str(out_dir / "kfp-local"),
         enable_caching=False,
     )
+    check_model_reachable(spec.model, store_uri)
     pipeline = build_pipeline(spec, store_uri, plan, kubernetes=False)
     if live:
         _run_with_live_view(pipeline, out_dir / "logs")
@@ -63,6 +64,52 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path, live: bool = 
         shutil.rmtree(report_dir)
     shutil.copytree(folder, report_dir, ignore=shutil.ignore_patterns("manifest.json"))
     return report_dir
+
+
+def check_model_reachable(source: str, store_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail before any task when a hub model cannot be had: not in the store, not cached, hub unreachable.
+
+    The default path runs without network; a ``hf:`` model is for cluster
+    configurations.  A model already in the store (or in the local hub cache)
+    needs no network.
+    """
+    from shared.data import DataError
+    from shared.execution import base_digest_in_store
+    from shared.models import parse_source
+
+    parsed = parse_source(source)
+    if parsed.kind != "hub":
+        return
+    try:
+        base_digest_in_store(store_uri, source)
+        return
+    except KeyError:
+        pass
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    try:
+        snapshot_download(parsed.name, revision=parsed.revision, local_files_only=True,
+                          allow_patterns=["config.json"])
+        return
+    except Exception:  # noqa: BLE001 - not cached: ask the hub
+        pass
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        raise DataError(f"model: {source} is neither in the store nor in the local hub cache, and HF_HUB_OFFLINE is set")
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as exc:
+        raise DataError(
+            f"model: {source} is neither in the store nor in the local hub cache, and the hub ({host}) cannot be "
+            f"reached ({exc.__class__.__name__}); local runs need no network with builtin: models or a local model "
+            "folder -- hf: models are for clusters (or download the model once and point 'model:' at the folder)"
+        ) from None
 
 
 def _run_with_live_view(pipeline, log_dir: Path) -> None:

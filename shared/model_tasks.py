@@ -49,6 +49,9 @@ def default_store_uri(store_uri: str = "") -> str:
     if not uri:
         cache = os.environ.get("LMCOMPOSE_CACHE") or str(Path.home() / ".cache" / "lm-compose")
         uri = str(Path(cache).expanduser() / "store")
+    from shared.store import check_store_uri
+
+    check_store_uri(uri)
     if "://" not in uri:
         uri = str(Path(uri).expanduser().resolve())
     return uri

@@ -119,6 +119,22 @@ def source_identity(source: str) -> str:
 _BUILTIN_INPUT_WIDTHS = {"smollm2-135m": {576, 1536}, "tiny-random": {64, 128}}
 
 
+_BUILTIN_NUM_LAYERS = {"smollm2-135m": 30, "tiny-random": 4}
+
+
+def known_num_layers(source: str) -> int | None:
+    """Number of decoder layers of ``source``'s model, if known without loading it (built-in, local config.json)."""
+    parsed = parse_source(source)
+    if parsed.kind == "builtin":
+        return _BUILTIN_NUM_LAYERS[parsed.name]
+    if parsed.kind == "local":
+        cfg_path = Path(parsed.name) / "config.json"
+        if cfg_path.is_file():
+            layers = json.loads(cfg_path.read_text()).get("num_hidden_layers")
+            return int(layers) if layers else None
+    return None
+
+
 def known_input_widths(source: str) -> set[int] | None:
     """Input widths of the block Linear layers of ``source``'s model, if known without loading it.
 

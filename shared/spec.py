@@ -175,6 +175,19 @@ class ExperimentSpec(BaseModel):
         None, description="task placement in a Kubernetes cluster (shared/cluster.py); ignored by kfp.local"
     )
 
+    @field_validator("store")
+    @classmethod
+    def _plain_store_uri(cls, v: str | None) -> str | None:
+        """No credentials or options in the spec (they would reach compiled YAML); never echo them."""
+        from shared.store import StoreError, check_store_uri
+
+        if v:
+            try:
+                check_store_uri(v)
+            except StoreError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
     @field_validator("cluster")
     @classmethod
     def _cluster(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -198,9 +211,15 @@ class ExperimentSpec(BaseModel):
     @classmethod
     def _model_source(cls, v: str) -> str:
         try:
-            parse_source(v)
+            parsed = parse_source(v)
         except ModelSourceError as exc:
             raise ValueError(str(exc)) from None
+        if parsed.kind == "local":  # found now, not by the first task
+            folder = Path(parsed.name)
+            if not folder.exists():
+                raise ValueError(f"local model folder {folder} does not exist")
+            if not folder.is_dir() or not (folder / "config.json").is_file():
+                raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json in it)")
         return v
 
     @model_validator(mode="after")
@@ -234,8 +253,20 @@ class ExperimentSpec(BaseModel):
 
     def _check_against_model(self) -> None:
         """Parameters that cannot work on this model (e.g. a group size that does not divide its widths)."""
-        from shared.models import known_input_widths
+        from shared.models import known_input_widths, known_num_layers
 
+        num_layers = known_num_layers(self.model)
+        if num_layers:
+            for i, entry in enumerate(self.interventions):
+                method = get_intervention(entry.method)
+                for setting in entry.steps():
+                    try:
+                        method.check_layers(method.parse_params(setting["params"]), num_layers)
+                    except ValueError as exc:
+                        field, _, msg = str(exc).partition(": ")
+                        where = "sweep" if field in entry.sweep else "params"
+                        default = "" if field in entry.sweep or field in entry.params else " (the default)"
+                        raise ValueError(f"interventions[{i}].{where}.{field}: {msg}{default} (model {self.model})") from None
         widths = known_input_widths(self.model)
         if not widths:
             return
@@ -269,7 +300,18 @@ class ExperimentSpec(BaseModel):
 
 
 def _format_validation_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # an unknown key explains a "missing" one (a typo): report it first, with the likely intended name
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    if err["type"] == "extra_forbidden":
+        import difflib
+
+        *parent, key = [str(p) for p in err["loc"]]
+        where = ".".join(parent)
+        known = _known_keys(where)
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else (f"; allowed: {', '.join(known)}" if known else "")
+        return f"{where + '.' if where else ''}{key}: unknown key{hint}"
     loc = ""
     for part in err["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
@@ -284,6 +326,16 @@ def _format_validation_error(exc: ValidationError) -> str:
         loc, msg = head, rest
     extra = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{loc or 'spec'}: {msg}{extra}"
+
+
+def _known_keys(where: str) -> list[str]:
+    """The keys a section of the spec accepts (for typo hints)."""
+    models: dict[str, Any] = {"": ExperimentSpec, "compositions": CompositionSpec, "evaluation": EvaluationSpec,
+                              "data": DataConfig}
+    model = models.get(re.sub(r"\[\d+\]$", "", where))
+    if model is None and re.fullmatch(r"interventions\.\d+|interventions\[\d+\]", where):
+        model = InterventionSpec
+    return list(model.model_fields) if model is not None else []
 
 
 def parse_spec(raw: dict[str, Any], check_data: bool = True, fetch_remote: bool = True) -> ExperimentSpec:

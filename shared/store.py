@@ -353,14 +353,45 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
 
+def redact_uri(uri: str) -> str:
+    """``uri`` with any ``user:secret@`` part replaced by ``***@`` -- safe to print or log."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
+
+
+def check_store_uri(uri: str) -> str:
+    """Refuse a store URI that carries credentials or options (they would end up in compiled YAML and logs).
+
+    Returns the URI unchanged.  Credentials come from the environment (or a
+    Kubernetes Secret) only; the error never repeats them.
+    """
+    from urllib.parse import urlparse
+
+    if not uri:
+        raise StoreError("no store URI given")
+    if "://" in uri:
+        parsed = urlparse(uri)
+        if "@" in parsed.netloc or parsed.query or parsed.fragment:
+            raise StoreError(
+                f"store URI {redact_uri(uri.split('?')[0].split('#')[0])!r} must not carry credentials or options "
+                "(user:secret@, ?...): give them through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
+                "(a Kubernetes Secret in a cluster)"
+            )
+        if parsed.scheme == "s3":
+            from shared.store_s3 import parse_s3_uri
+
+            parse_s3_uri(uri)
+        elif parsed.scheme != "file":
+            raise StoreError(f"unsupported store URI scheme {parsed.scheme!r}; use a local path, file:// or s3://")
+    return uri
+
+
 def open_store(uri: str) -> Store:
     """Open a store from a URI: a local path, ``file://...`` or ``s3://bucket/prefix``.
 
     S3 endpoint, region and credentials come from the standard AWS environment
     variables (or ``AWS_PROFILE``), never from the URI or the spec.
     """
-    if not uri:
-        raise StoreError("no store URI given")
+    check_store_uri(uri)
     if uri.startswith("s3://"):
         from shared.store_s3 import S3Store
 

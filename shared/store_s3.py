@@ -207,16 +207,19 @@ def _client_error_code(exc: ClientError) -> str:
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix/`` -> (``bucket``, ``some/prefix``)."""
+    from shared.store import redact_uri
+
     parsed = urlparse(uri)
+    shown = redact_uri(uri.split("?")[0].split("#")[0])  # never repeat a secret in an error
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise StoreError(f"not an S3 store URI: {uri!r} (expected s3://bucket/prefix)")
+        raise StoreError(f"not an S3 store URI: {shown!r} (expected s3://bucket/prefix)")
     if parsed.query or parsed.fragment or "@" in parsed.netloc:
         # credentials or options in the URI would end up in pipeline specs and logs
-        raise StoreError(f"S3 store URI {uri!r} must be plain s3://bucket/prefix; credentials come from the environment")
+        raise StoreError(f"S3 store URI {shown!r} must be plain s3://bucket/prefix; credentials come from the environment")
     bucket = parsed.netloc
     prefix = parsed.path.strip("/")
     if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise StoreError(f"invalid prefix in S3 store URI {uri!r}")
+        raise StoreError(f"invalid prefix in S3 store URI {shown!r}")
     return bucket, prefix
 
 

@@ -145,3 +145,34 @@ def test_silent_endpoint_fails_fast_with_the_endpoint_named(tmp_path: Path) -> N
     last = proc.stderr.strip().splitlines()[-1]
     assert endpoint in last and "did not answer" in last, proc.stderr[-2000:]
     assert "test-secret-value" not in proc.stderr + proc.stdout
+
+
+SECRET_URIS = ["s3://AKIAEXAMPLE:wJalrSECRETKEY@bucket/prefix", "s3://bucket/prefix?secret=wJalrSECRETKEY",
+               "file://user:wJalrSECRETKEY@/tmp/store"]
+
+
+@pytest.mark.parametrize("uri", SECRET_URIS)
+def test_credentials_in_store_uris_are_refused_everywhere_and_never_echoed(uri: str, tmp_path: Path, capsys) -> None:
+    """compile, plan and the spec refuse a URI with credentials, and no output repeats the secret."""
+    import yaml
+
+    from pipelines.cli import main
+    from shared.store import StoreError, open_store
+
+    with pytest.raises(StoreError) as err:
+        open_store(uri)
+    assert "wJalrSECRETKEY" not in str(err.value)
+    spec = tmp_path / "spec.yaml"
+    raw = yaml.safe_load((REPO / "pipelines/experiments/demo.yaml").read_text())
+    spec.write_text(yaml.safe_dump(raw))
+    for argv in (["compile", str(spec), "-o", str(tmp_path / "out"), "--store", uri],
+                 ["plan", str(spec), "--store", uri]):
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert "must not carry credentials" in out.err or "must be plain" in out.err, out.err
+        assert "wJalrSECRETKEY" not in out.out + out.err
+    assert not any((tmp_path / "out").rglob("*.yaml")) if (tmp_path / "out").exists() else True
+    spec.write_text(yaml.safe_dump({**raw, "store": uri}))
+    assert main(["plan", str(spec)]) == 2
+    out = capsys.readouterr()
+    assert "store:" in out.err and "wJalrSECRETKEY" not in out.out + out.err

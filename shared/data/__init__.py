@@ -111,6 +111,8 @@ def resolve_path(field_name: str, source: str) -> Path:
 
 def read_jsonl(path: Path, row_model: type[BaseModel]) -> list[Any]:
     """Read and validate a JSON-lines file; errors name the file and the line."""
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory; expected a JSON-lines file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     rows = []

@@ -88,6 +88,24 @@ class Intervention(ABC):
         impossible quantization group size fails at once with a clear error.
         """
 
+    def check_layers(self, params: Any, num_layers: int) -> None:
+        """Reject layer indices the model does not have (``layers`` lists and a single ``layer``).
+
+        Called when a spec is validated, so e.g. FT's default layers on a
+        4-layer model fail before any task starts, naming the field.
+        """
+        for name in ("layers", "layer"):
+            value = getattr(params, name, None)
+            if value is None:
+                continue
+            indices = value if isinstance(value, list) else [value]
+            bad = [i for i in indices if not 0 <= int(i) < num_layers]
+            if bad:
+                raise ValueError(
+                    f"{name}: {self.name} {name} {value} out of range: the model has {num_layers} layers "
+                    f"(0..{num_layers - 1})"
+                )
+
     @abstractmethod
     def apply(self, model: Any, tokenizer: Any, params: Any, data: "ExperimentData") -> dict[str, Any]:
         """Apply the intervention to ``model`` in place.
