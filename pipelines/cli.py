@@ -128,7 +128,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         )
     if cluster.shards > 1 or out.is_dir() or args.output.endswith("/"):
         try:
-            paths = compile_study(spec, store_uri, str(out), cluster)
+            paths = compile_study(spec, store_uri, str(out), cluster,
+                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
         except ValueError as exc:
             raise SpecError(f"cluster.{exc}") from None
     else:
@@ -230,8 +231,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     store_uri = _store_uri(args, spec)
     out = Path(args.out or f"outputs/{spec.name}").resolve()
+    from pipelines.live_view import RunFailed
+
     started = time.time()
-    report_dir = run_local(spec, store_uri, out, live=True)
+    try:
+        report_dir = run_local(spec, store_uri, out, live=True)
+    except RunFailed as exc:
+        if "quarantined to" not in str(exc):
+            raise
+        # a checkpoint failed verification and was taken out of use: one more run recomputes it
+        print(f"\n{exc}\n\nre-running once: the store recomputes the quarantined step, everything else is reused\n")
+        report_dir = run_local(spec, store_uri, out, live=True)
     results = load_results(report_dir / "results.csv")
     categories = {name: m.category.value for name, m in available().items()}
     print()

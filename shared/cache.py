@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from shared.store import Store, digest_of
+from shared.store import CorruptCheckpoint, Store, digest_of
 
 log = logging.getLogger(__name__)
 _FILE = "tensors.safetensors"
@@ -43,9 +43,12 @@ def cached_tensors(
 
     key = cache_key(name, model_digest, config)
     if store.has_checkpoint(key):
-        folder, _ = store.get_checkpoint(key)
-        log.info("cache hit %s", key)
-        return load_file(str(Path(folder) / _FILE))
+        try:
+            folder, _ = store.get_checkpoint(key)
+            log.info("cache hit %s", key)
+            return load_file(str(Path(folder) / _FILE))
+        except CorruptCheckpoint as exc:  # quarantined by the store: recompute the entry now
+            log.warning("cache entry %s was corrupt (%s); recomputing", key, exc)
     log.info("cache miss %s; computing", key)
     tensors = {k: v.detach().contiguous().cpu() for k, v in compute().items()}
     with tempfile.TemporaryDirectory(dir=store.scratch_parent(), prefix="cache-") as tmp:

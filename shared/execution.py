@@ -122,7 +122,10 @@ def run_step(
     expected_parent = checkpoint_key(base_digest, keyed[:-1])
     if parent_key and parent_key != expected_parent:
         raise ValueError(f"parent key {parent_key} does not match the steps (expected {expected_parent})")
-    apply_step(store, base_digest, expected_parent, keyed, steps[-1], data, trust_remote_code)
+    from shared.lease import compute_once
+
+    compute_once(store, key, lambda: store.has_checkpoint(key),
+                 lambda: apply_step(store, base_digest, expected_parent, keyed, steps[-1], data, trust_remote_code))
     return key
 
 

@@ -145,9 +145,12 @@ def apply_to_model(
     keyed = parent_keyed + keyed_steps([step], data)
     key = checkpoint_key(base_digest, keyed)
     if not store.has_checkpoint(key):
+        from shared.lease import compute_once
+
         _check_data_readable(data, method.data_inputs)
-        apply_step(store, base_digest, parent.key, keyed, step, data, trust_remote_code,
-                   source=parent_meta.get("source", ""))
+        compute_once(store, key, lambda: store.has_checkpoint(key),
+                     lambda: apply_step(store, base_digest, parent.key, keyed, step, data, trust_remote_code,
+                                        source=parent_meta.get("source", "")))
     ref = ModelRef(parent.store_uri, key)
     return ref, artifact_metadata(ref, _manifest(ref))
 
@@ -165,11 +168,8 @@ def evaluate_model(
     evaluators whose result is already stored are not recomputed.  Returns
     ``{evaluator: {criterion: value}}``.
     """
-    import torch
-
-    from shared.evaluation import EVALUATOR_DATA, EvalOptions, get_evaluator
+    from shared.evaluation import EVALUATOR_DATA, EvalOptions
     from shared.execution import evaluation_config
-    from shared.models import default_threads, load_model
 
     if not evaluators:
         raise ParameterError("evaluators: name at least one of " + ", ".join(EVALUATOR_DATA))
@@ -198,7 +198,30 @@ def evaluate_model(
         else:
             todo.append(evaluator)
     if todo:
+        from shared.lease import compute_once
+
         _check_data_readable(data, sorted({n for e in todo for n in EVALUATOR_DATA[e]}))
+
+        def compute() -> None:
+            _evaluate_missing(store, model, [e for e in todo if not store.has_json(keys[e])], keys, data, options,
+                              dtype_name, eval_options, out)
+
+        compute_once(store, keys[todo[0]], lambda: all(store.has_json(keys[e]) for e in todo), compute)
+        for evaluator in todo:  # computed here or by a concurrent runner
+            out.setdefault(evaluator, store.get_json(keys[evaluator])["criteria"])
+    return {e: out[e] for e in keys}
+
+
+def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[str, str], data: ExperimentData,
+                      options: dict[str, Any], dtype_name: str, eval_options: dict[str, Any],
+                      out: dict[str, dict[str, float]]) -> None:
+    """Load the model once and compute (and store) every evaluator of ``todo``."""
+    import torch
+
+    from shared.evaluation import EvalOptions, get_evaluator
+    from shared.models import default_threads, load_model
+
+    if todo:
         folder, manifest = store.get_checkpoint(model.key)
         default_threads(os.environ.get("LMCOMPOSE_EVAL_THREADS"))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
@@ -213,4 +236,3 @@ def evaluate_model(
             )
             log.info("evaluated %s with %s: %s", model.key, evaluator, criteria)
             out[evaluator] = criteria
-    return {e: out[e] for e in keys}

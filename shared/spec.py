@@ -132,6 +132,12 @@ class CompositionSpec(BaseModel):
     )
     include_singles: bool = True
     include_base: bool = True
+    max_compositions: int = Field(
+        1000,
+        ge=1,
+        description="refuse a spec that expands into more compositions than this (orders x sweep values, "
+        "before edit batches) -- a guard against a typo'd sweep; the paper's largest study has 158",
+    )
 
 
 class EvaluationSpec(BaseModel):
@@ -248,8 +254,25 @@ class ExperimentSpec(BaseModel):
                 f"compositions.mode: 'permutations' of {len(self.interventions)} interventions gives "
                 f"{len(list(itertools.permutations(names)))} orders; use mode 'cross' with groups"
             )
+        self._check_size()
         self._check_against_model()
         return self
+
+    def composition_count(self) -> int:
+        """Compositions the spec expands into (base included), counted without expanding them."""
+        from math import prod
+
+        sizes = {i.name: max(1, len(i.settings_raw())) for i in self.interventions}
+        return int(self.compositions.include_base) + sum(prod(sizes[n] for n in order) for order in self.orders())
+
+    def _check_size(self) -> None:
+        n = self.composition_count()
+        limit = self.compositions.max_compositions
+        if n > limit:
+            raise ValueError(
+                f"compositions.max_compositions: the spec expands into {n} compositions (orders x sweep values), "
+                f"more than the limit {limit}; shorten a sweep, or raise compositions.max_compositions if you mean it"
+            )
 
     def _check_against_model(self) -> None:
         """Parameters that cannot work on this model (e.g. a group size that does not divide its widths)."""
@@ -322,7 +345,7 @@ def _format_validation_error(exc: ValidationError) -> str:
         loc, msg = f"{loc}.{head}", rest
     elif sep and loc == "cluster" and re.fullmatch(r"[\w.\[\]-]+", head):
         loc, msg = f"{loc}.{head}", rest
-    elif sep and not loc and re.fullmatch(r"interventions\[\d+\][\w.\[\]]*", head):
+    elif sep and not loc and re.fullmatch(r"(interventions\[\d+\]|compositions\.)[\w.\[\]]*", head):
         loc, msg = head, rest
     extra = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{loc or 'spec'}: {msg}{extra}"

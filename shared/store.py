@@ -156,9 +156,32 @@ def validate_manifest(manifest: Any, key: str) -> dict[str, Any]:
     return manifest
 
 
+VERIFY_ENV = "LMCOMPOSE_VERIFY"
+
+
+def verify_policy() -> str:
+    """How a reader trusts a checkpoint it verified before (``$LMCOMPOSE_VERIFY``).
+
+    * ``always`` (default): hash every file on every read.  Bit rot and copy
+      tools that keep timestamps leave size and mtime unchanged, so only the
+      content tells; hashing costs ~1 s per GB per core (files in parallel),
+      less than loading the weights it protects.
+    * ``stat``: trust a file whose (size, mtime, inode) are what they were at
+      its last full verification, as git's index does -- faster, blind to
+      same-size corruption that keeps the mtime.
+    """
+    value = os.environ.get(VERIFY_ENV, "always") or "always"
+    if value not in ("always", "stat"):
+        raise StoreError(f"{VERIFY_ENV}={value!r}: allowed values are 'always' and 'stat'")
+    return value
+
+
 def verify_folder(folder: Path, manifest: dict[str, Any], key: str) -> None:
-    """Check every file listed in ``manifest`` against ``folder``; name the first bad file."""
+    """Check every file listed in ``manifest`` against ``folder`` (hashed in parallel); name the first bad file."""
+    from concurrent.futures import ThreadPoolExecutor
+
     validate_manifest(manifest, key)
+    paths = {}
     for rel, info in manifest["files"].items():
         path = contained_path(folder, rel, f"{key}: manifest entry")
         if not path.is_file():
@@ -166,8 +189,12 @@ def verify_folder(folder: Path, manifest: dict[str, Any], key: str) -> None:
         size = path.stat().st_size
         if size != info["size"]:
             raise CorruptCheckpoint(f"{key}: file {rel} has {size} bytes, manifest says {info['size']}")
-        if sha256_file(path) != info["sha256"]:
-            raise CorruptCheckpoint(f"{key}: file {rel} does not match its sha256 in the manifest")
+        paths[rel] = path
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(paths))), thread_name_prefix="lmc-verify") as pool:
+        digests = {rel: pool.submit(sha256_file, path) for rel, path in paths.items()}  # hashlib releases the GIL
+        for rel, info in manifest["files"].items():
+            if digests[rel].result() != info["sha256"]:
+                raise CorruptCheckpoint(f"{key}: file {rel} does not match its sha256 in the manifest")
 
 
 class Store(ABC):
@@ -197,6 +224,36 @@ class Store(ABC):
     @abstractmethod
     def checkpoint_meta(self, key: str) -> dict[str, Any]:
         """The ``meta`` of a committed checkpoint's manifest (no file verification)."""
+
+    def quarantine(self, key: str, reason: str) -> str:
+        """Take a corrupt checkpoint out of use (readers then see no checkpoint, so the step is recomputed).
+
+        Keeps its manifest (and, locally, its files) under ``quarantine/`` for
+        inspection; returns where.  Never raises for a checkpoint already gone.
+        """
+        raise NotImplementedError
+
+    # -- leases (shared/lease.py): one runner per step ----------------------------------------------
+
+    def acquire_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Create the lease document ``key`` for ``owner`` if there is none or it expired."""
+        raise NotImplementedError
+
+    def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Push the expiry of ``owner``'s lease; False if the lease is no longer ``owner``'s."""
+        raise NotImplementedError
+
+    def release_lease(self, key: str, owner: str) -> None:
+        """Delete the lease if ``owner`` holds it."""
+        raise NotImplementedError
+
+    def lease_holder(self, key: str) -> str | None:
+        """Who holds a live lease on ``key`` (None: nobody)."""
+        try:
+            doc = self.get_json(key)
+        except (KeyError, ValueError, StoreError):
+            return None
+        return doc.get("owner") if isinstance(doc, dict) and doc.get("expires", 0) > time.time() else None
 
     def manifest(self, key: str) -> dict[str, Any]:
         """The committed manifest of ``key`` (shape and names checked; files not verified)."""
@@ -233,9 +290,15 @@ class LocalStore(Store):
         return self.root / key
 
     def scratch_parent(self) -> Path:
-        """Inside the store, so committing a written checkpoint is a rename, not a copy."""
+        """Inside the store, so committing a written checkpoint is a rename, not a copy.
+
+        Also where leftovers of killed writers are swept (:meth:`sweep_staging`).
+        """
         path = self.root / ".staging"
         path.mkdir(parents=True, exist_ok=True)
+        if not getattr(self, "_swept", False):
+            self._swept = True
+            self.sweep_staging()
         return path
 
     def staging_dir(self) -> Path:
@@ -300,14 +363,14 @@ class LocalStore(Store):
         return manifest
 
     def get_checkpoint(self, key: str) -> tuple[Path, dict[str, Any]]:
-        """Verify and return a committed checkpoint.
+        """Verify and return a committed checkpoint; quarantine it if it does not match its manifest.
 
-        Hashing a 0.5 GB checkpoint costs seconds and every pipeline task reads
-        one, so after a full sha256 verification the files' (size, mtime_ns,
-        inode) are remembered beside the manifest; a later read re-hashes only
-        if any of them changed (the same trade-off as git's index).  Any
-        rewrite, truncation or replacement of a file changes its stat and
-        triggers a full verification.
+        Every file is hashed on every read by default (:func:`verify_policy`);
+        with ``LMCOMPOSE_VERIFY=stat`` a file whose (size, mtime_ns, inode)
+        are those of its last full verification is trusted.  A checkpoint that
+        fails verification is moved to ``quarantine/`` (so the step that made
+        it is recomputed by the next run) and :class:`CorruptCheckpoint` names
+        the bad file and where the checkpoint went.
         """
         manifest = self._read_manifest(key)
         folder = self._path(key)
@@ -319,19 +382,120 @@ class LocalStore(Store):
             except FileNotFoundError:
                 break
             stamp["files"][rel] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        if verify_policy() == "stat":
+            try:
+                if json.loads(stamp_path.read_text()) == stamp:
+                    return folder, manifest
+            except (OSError, json.JSONDecodeError):
+                pass
         try:
-            if json.loads(stamp_path.read_text()) == stamp:
-                return folder, manifest
-        except (OSError, json.JSONDecodeError):
-            pass
-        verify_folder(folder, manifest, key)
+            verify_folder(folder, manifest, key)
+        except UnsafePath:
+            raise
+        except CorruptCheckpoint as exc:
+            where = self.quarantine(key, str(exc))
+            raise CorruptCheckpoint(f"{exc}; quarantined to {where} -- re-run to recompute it") from None
         tmp = stamp_path.with_name(f".{VERIFIED_STAMP}.{uuid.uuid4().hex}")
         try:
             tmp.write_text(json.dumps(stamp))
             os.replace(tmp, stamp_path)
-        except OSError:  # read-only store: verify every time
+        except OSError:  # read-only store
             pass
         return folder, manifest
+
+    def quarantine(self, key: str, reason: str) -> str:
+        folder = self._path(key)
+        dest = self.root / "quarantine" / f"{key.replace('/', '-')}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(folder, dest)  # atomic: readers see the checkpoint or nothing
+        except FileNotFoundError:
+            return "(already gone)"
+        (dest / "QUARANTINED.txt").write_text(f"{key}\n{time.ctime()}\n{reason}\n")
+        return str(dest)
+
+    def _read_lease(self, path: Path) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(path.read_text())
+            return doc if isinstance(doc, dict) else None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def acquire_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode()
+        for _attempt in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                doc = self._read_lease(path)
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                live = doc.get("expires", 0) > time.time() if doc else age < ttl_s  # half-written: by its age
+                if live:
+                    return False
+                # expired: move it aside (one stealer wins the rename), check we moved a dead one, retry
+                stale = path.with_name(f".{path.name}.{uuid.uuid4().hex}.stale")
+                try:
+                    os.rename(path, stale)
+                except FileNotFoundError:
+                    continue
+                moved = self._read_lease(stale)
+                if moved and moved.get("expires", 0) > time.time():  # a fresh lease taken in between: give it back
+                    try:
+                        os.link(stale, path)
+                    except FileExistsError:
+                        pass
+                    stale.unlink(missing_ok=True)
+                    return False
+                stale.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+            return True
+        return False
+
+    def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        path = self._path(key)
+        doc = self._read_lease(path)
+        if not doc or doc.get("owner") != owner:
+            return False
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"owner": owner, "expires": time.time() + ttl_s}))
+        os.replace(tmp, path)
+        return True
+
+    def release_lease(self, key: str, owner: str) -> None:
+        path = self._path(key)
+        doc = self._read_lease(path)
+        if doc and doc.get("owner") == owner:
+            path.unlink(missing_ok=True)
+
+    def sweep_staging(self, older_than_s: float = 24 * 3600) -> list[str]:
+        """Delete staging folders a killed writer left behind (nothing in them was ever trusted).
+
+        A folder counts as abandoned when nothing in it changed for
+        ``older_than_s`` (a writer fills its folder only while saving, which
+        takes minutes); ``LMCOMPOSE_STAGING_MAX_AGE`` overrides the default of a day.
+        """
+        older_than_s = float(os.environ.get("LMCOMPOSE_STAGING_MAX_AGE") or older_than_s)
+        root = self.root / ".staging"
+        removed = []
+        if not root.is_dir():
+            return removed
+        cutoff = time.time() - older_than_s
+        for entry in root.iterdir():
+            try:
+                newest = max([entry.stat().st_mtime] + [p.stat().st_mtime for p in entry.rglob("*")])
+            except OSError:
+                continue
+            if newest < cutoff:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+        return removed
 
     def checkpoint_meta(self, key: str) -> dict[str, Any]:
         return self._read_manifest(key)["meta"]

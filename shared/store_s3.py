@@ -71,9 +71,11 @@ from shared.store import (
     Store,
     StoreError,
     canonical_json,
+    UnsafePath,
     contained_path,
     sha256_file,
     validate_manifest,
+    verify_policy,
 )
 
 MB = 1024 * 1024
@@ -633,11 +635,13 @@ class S3Store(Store):
         manifest = self._read_manifest(key)
         folder = self._cache_folder(key)
         stamp_path = folder / VERIFIED_STAMP
-        try:
-            if json.loads(stamp_path.read_text()) == self._stamp(folder, manifest):
-                return folder, manifest
-        except (OSError, json.JSONDecodeError):
-            pass
+        if verify_policy() == "stat":
+            try:
+                if json.loads(stamp_path.read_text()) == self._stamp(folder, manifest):
+                    return folder, manifest
+            except (OSError, json.JSONDecodeError):
+                pass
+        # default: every cached file is hashed; one that rotted in the cache is simply downloaded again
         folder.mkdir(parents=True, exist_ok=True)
         self._sweep_partials(folder)
         prefix = self._object(key)
@@ -668,12 +672,12 @@ class S3Store(Store):
                         size, digest = checked.result()
                     except ClientError as exc:
                         if _client_error_code(exc) in _NOT_FOUND_CODES:
-                            raise CorruptCheckpoint(f"{key}: file {rel} listed in the manifest is missing") from None
+                            raise self._corrupt(key, f"{key}: file {rel} listed in the manifest is missing") from None
                         raise
                     if size != info["size"]:
-                        raise CorruptCheckpoint(f"{key}: file {rel} has {size} bytes, manifest says {info['size']}")
+                        raise self._corrupt(key, f"{key}: file {rel} has {size} bytes, manifest says {info['size']}")
                     if digest != info["sha256"]:
-                        raise CorruptCheckpoint(f"{key}: file {rel} does not match its sha256 in the manifest")
+                        raise self._corrupt(key, f"{key}: file {rel} does not match its sha256 in the manifest")
                     os.replace(tmp, contained_path(folder, rel))
         finally:
             for _rel, _info, tmp, fh, _checked in pending:
@@ -686,6 +690,76 @@ class S3Store(Store):
         except OSError:  # read-only cache: verify every time
             tmp_stamp.unlink(missing_ok=True)
         return folder, manifest
+
+    # -- leases ----------------------------------------------------------------------------------------
+
+    def _lease(self, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        name = self._object(key)
+        try:
+            obj = self._client.get_object(Bucket=self.bucket, Key=name)
+        except ClientError as exc:
+            if _client_error_code(exc) in _NOT_FOUND_CODES:
+                return None, None
+            raise self._translate(exc, f"read lease {key}") from None
+        except BotoCoreError as exc:
+            raise self._translate(exc, f"read lease {key}") from None
+        try:
+            doc = json.loads(obj["Body"].read())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = {}
+        return (doc if isinstance(doc, dict) else {}), str(obj.get("ETag", ""))
+
+    def acquire_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        """``If-None-Match: *`` PUT: atomic where the server supports conditional writes (AWS, recent SeaweedFS/MinIO)."""
+        name = self._object(key)
+        self._ensure_bucket()
+        for _attempt in range(2):
+            body = json.dumps({"owner": owner, "expires": time.time() + ttl_s}).encode()
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*",
+                                        ContentType="application/json")
+                return True
+            except ClientError as exc:
+                if _client_error_code(exc) not in _PRECONDITION_CODES:
+                    raise self._translate(exc, f"take lease {key}") from None
+            doc, _etag = self._lease(key)
+            if doc is None:
+                continue  # released in between
+            if doc.get("expires", 0) > time.time():
+                return False
+            with self._errors(f"expire lease {key}"):  # the holder is gone: remove its lease, try again
+                self._client.delete_object(Bucket=self.bucket, Key=name)
+        return False
+
+    def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
+        doc, _etag = self._lease(key)
+        if not doc or doc.get("owner") != owner:
+            return False
+        self.put_json(key, {"owner": owner, "expires": time.time() + ttl_s})
+        return True
+
+    def release_lease(self, key: str, owner: str) -> None:
+        doc, _etag = self._lease(key)
+        if doc and doc.get("owner") == owner:
+            with self._errors(f"release lease {key}"):
+                self._client.delete_object(Bucket=self.bucket, Key=self._object(key))
+
+    def _corrupt(self, key: str, message: str) -> CorruptCheckpoint:
+        """Quarantine ``key`` (the bucket's copy does not match its manifest) and describe it."""
+        where = self.quarantine(key, message)
+        return CorruptCheckpoint(f"{message}; quarantined to {where} -- re-run to recompute it")
+
+    def quarantine(self, key: str, reason: str) -> str:
+        """Keep the manifest under ``quarantine/`` and delete it from the key: the step is no longer committed."""
+        try:
+            manifest = self._read_manifest(key)
+        except (CheckpointNotFound, CorruptCheckpoint):
+            return "(already gone)"
+        record = f"quarantine/{key.replace('/', '-')}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.json"
+        self.put_json(record, {"key": key, "reason": reason, "time": time.time(), "manifest": manifest})
+        with self._errors(f"quarantine {key}"):
+            self._client.delete_object(Bucket=self.bucket, Key=self._object(f"{key}/{MANIFEST}"))
+        return f"{self.uri}/{record}"
 
     @staticmethod
     def _sweep_partials(folder: Path, older_than_s: float = 6 * 3600) -> None:

@@ -15,7 +15,7 @@ from shared.data.sources import harness_tasks
 from shared.spec import SpecError, parse_spec
 from tests.conftest import BUCKET
 
-SPEC = {"name": "t", "model": "builtin:tiny-random", "interventions": [{"method": "rmu"}]}
+SPEC = {"name": "t", "model": "builtin:tiny-random", "interventions": [{"method": "rmu", "params": {"layer": 3}}]}
 
 
 def _client(env: dict[str, str]):

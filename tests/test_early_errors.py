@@ -60,3 +60,21 @@ def test_hub_model_without_network_fails_before_any_task(tmp_path: Path, monkeyp
     with pytest.raises(DataError, match="HF_HUB_OFFLINE is set"):
         check_model_reachable("hf:org/model", str(tmp_path / "store"))
     check_model_reachable("builtin:tiny-random", str(tmp_path / "store"))  # no network needed: no error
+
+
+def test_plan_size_is_limited_with_a_clear_message():
+    from shared.planner import build_plan
+
+    sweep = [round(i / 10001, 6) for i in range(1, 5001)]
+    started = time.monotonic()
+    with pytest.raises(SpecError, match=r"^compositions\.max_compositions: the spec expands into 5001 compositions"):
+        parse_spec({**BASE, "interventions": [{"method": "wanda", "sweep": {"sparsity": sweep}}]})
+    assert time.monotonic() - started < 5  # refused before any expansion
+    # the count is exact: the limit can be raised, and the planner agrees with it
+    raw = {**BASE, "compositions": {"max_compositions": 40},
+           "interventions": [{"method": "wanda", "sweep": {"sparsity": sweep[:12]}},
+                             {"method": "ft", "params": {"layers": [1]}}]}
+    spec = parse_spec(raw)
+    assert spec.composition_count() == len(build_plan(spec).compositions) == 1 + 12 + 1 + 12 + 12
+    with pytest.raises(SpecError, match="expands into 38 compositions"):
+        parse_spec({**raw, "compositions": {"max_compositions": 37}})

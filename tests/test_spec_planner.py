@@ -20,7 +20,7 @@ def base_spec() -> dict:
         "name": "t",
         "model": "builtin:tiny-random",
         "interventions": [
-            {"method": "ft", "params": {"steps": 2}},
+            {"method": "ft", "params": {"steps": 2, "layers": [1, 2]}},  # the tiny model has 4 layers
             {"method": "wanda", "sweep": {"sparsity": [0.25, 0.5]}},
         ],
     }
@@ -54,7 +54,7 @@ def with_change(path: str, value) -> dict:
         ("evaluation.evaluators", ["edit", "bleu"], r"evaluation\.evaluators: .*unknown evaluator 'bleu'; allowed: edit, utility"),
         ("compositions.mode", "all", r"compositions\.mode: Input should be 'permutations' or 'cross'"),
         ("name", "Bad Name!", r"name: String should match pattern"),
-        ("colour", "red", r"colour: Extra inputs are not permitted"),
+        ("colour", "red", r"colour: unknown key \(did you mean 'cluster'\?\)"),
         ("data.num_edits", 0, r"data\.num_edits: .*greater than or equal to 1"),
     ],
 )
@@ -147,7 +147,7 @@ def test_plan_dedups_identical_compositions_and_counts_three_way():
 
 def test_cross_mode_pairs_across_groups_only():
     raw = base_spec()
-    raw["interventions"].append({"method": "ft", "label": "ft-long", "params": {"steps": 4}})
+    raw["interventions"].append({"method": "ft", "label": "ft-long", "params": {"steps": 4, "layers": [1, 2]}})
     raw["compositions"] = {"mode": "cross", "groups": [["ft", "ft-long"], ["wanda"]], "include_singles": False}
     plan = build_plan(parse_spec(raw, check_data=False))
     pairs = [tuple(c["names"]) for c in plan.compositions if c["names"]]
