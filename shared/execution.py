@@ -25,7 +25,7 @@ from typing import Any
 from shared.compression_state import STATE_FILE, load_state, read_grid, save_state
 from shared.data import DataConfig, ExperimentData
 from shared.interventions import get_intervention
-from shared.store import Store, checkpoint_key, open_store, result_key
+from shared.store import Store, StoreError, checkpoint_key, open_store, result_key
 
 log = logging.getLogger("lmcompose")
 
@@ -151,7 +151,7 @@ def apply_step(
     from shared.models import default_threads, load_model, save_model
 
     key = checkpoint_key(base_digest, keyed)
-    folder, manifest = store.get_checkpoint(parent_key)
+    folder, manifest = verified_checkpoint(store, parent_key, trust_remote_code)
     parent_meta = manifest["meta"]
 
     default_threads()
@@ -179,6 +179,8 @@ def apply_step(
     meta = {
         "base_digest": base_digest,
         "source": source or parent_meta.get("source", ""),
+        # how to make this checkpoint again from its parent, should it be found corrupt (verified_checkpoint)
+        "recipe": {"parent": parent_key, "step": step, "data": data.config.model_dump(mode="json")},
         "steps": keyed,
         "records": parent_meta.get("records", []) + [{"method": method.name, "record": record, "seconds": seconds}],
         "compression": compression,
@@ -188,6 +190,45 @@ def apply_step(
         _write_state(Path(tmp), folder, parent_meta.get("compression"), new_state)
         store.put_checkpoint(key, Path(tmp), meta)
     return key
+
+
+def verified_checkpoint(store: Store, key: str, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:
+    """:meth:`Store.get_checkpoint`, recomputing the checkpoint at once if it is found corrupt.
+
+    A corrupt checkpoint is quarantined by the store; its manifest (read
+    before) records how it was made -- the parent key, the step and the data
+    (``recipe``), or the base model's source -- so the task that needed it
+    makes it again (recursively, if the parent is corrupt too) instead of
+    failing every run until someone intervenes.  A checkpoint without a recipe
+    (made before recipes were recorded) is only quarantined; the next run's
+    producing task recomputes it.
+    """
+    from shared.store import CorruptCheckpoint
+
+    try:
+        meta = store.checkpoint_meta(key)
+    except StoreError:
+        meta = None
+    try:
+        return store.get_checkpoint(key)
+    except CorruptCheckpoint as exc:
+        if "quarantined" not in str(exc) or meta is None:
+            raise
+        log.warning("%s -- recomputing it now", exc)
+        recipe = meta.get("recipe")
+        if recipe:
+            from shared.lease import compute_once
+
+            data = ExperimentData(DataConfig.model_validate(recipe["data"]))
+            # apply_step reads the parent through verified_checkpoint again: a corrupt parent is remade first
+            compute_once(store, key, lambda: store.has_checkpoint(key), lambda: apply_step(
+                store, meta["base_digest"], recipe["parent"], meta["steps"], recipe["step"], data,
+                trust_remote_code, source=meta.get("source", "")))
+        elif not meta.get("steps") and meta.get("source"):  # the base model
+            prepare_base(store.uri, meta["source"], trust_remote_code)
+        else:
+            raise
+        return store.get_checkpoint(key)
 
 
 def _next_compression(parent: dict[str, Any] | None, new: dict[str, Any] | None, category: str) -> dict[str, Any] | None:
@@ -260,7 +301,7 @@ def run_evaluation(store_uri: str, model_key: str, evaluator: str, data_json: st
     if store.has_json(rkey):
         log.info("evaluation %s of %s already in store; skipping", evaluator, model_key)
         return store.get_json(rkey)["criteria"]
-    folder, manifest = store.get_checkpoint(model_key)
+    folder, manifest = verified_checkpoint(store, model_key)
     default_threads(os.environ.get("LMCOMPOSE_EVAL_THREADS"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.get("dtype", "float32")]
     model, tokenizer = load_model(folder, dtype=dtype)
@@ -393,6 +434,7 @@ def aggregate(
     from shared.criteria import CRITERIA
     from shared.interventions import available
     from shared.report import build_report
+    from shared.store import CorruptCheckpoint
 
     by_batch = collect_batch_results(store_uri, base_digest, plan_json, data_json, options_json)
     results = average_over_batches(by_batch, list(CRITERIA))
@@ -403,7 +445,12 @@ def aggregate(
         by_batch.to_csv(Path(out_dir) / "results_by_batch.csv", index=False)
         paths["results_by_batch"] = Path(out_dir) / "results_by_batch.csv"
     store = open_store(store_uri)
-    store.put_checkpoint(report_key(base_digest, plan_json, data_json, options_json), Path(out_dir), {"spec_name": plan["spec_name"]})
+    rkey = report_key(base_digest, plan_json, data_json, options_json)
+    store.put_checkpoint(rkey, Path(out_dir), {"spec_name": plan["spec_name"]})
+    try:
+        store.get_checkpoint(rkey)  # an earlier copy of this report may have rotted: quarantined, then replaced
+    except CorruptCheckpoint:
+        store.put_checkpoint(rkey, Path(out_dir), {"spec_name": plan["spec_name"]})
     return {k: str(v) for k, v in paths.items()}
 
 

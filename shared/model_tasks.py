@@ -222,7 +222,9 @@ def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[s
     from shared.models import default_threads, load_model
 
     if todo:
-        folder, manifest = store.get_checkpoint(model.key)
+        from shared.execution import verified_checkpoint
+
+        folder, manifest = verified_checkpoint(store, model.key)
         default_threads(os.environ.get("LMCOMPOSE_EVAL_THREADS"))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
         loaded, tokenizer = load_model(folder, dtype=dtype)

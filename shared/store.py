@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,9 @@ import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("lmcompose")
+_MISSING = object()
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "lm-compose-checkpoint/1"
@@ -48,6 +52,10 @@ class CheckpointNotFound(StoreError):
 
 class CorruptCheckpoint(StoreError):
     """A checkpoint whose files do not match its manifest (names the file)."""
+
+
+class CorruptDocument(StoreError):
+    """A stored JSON document whose content does not match its digest."""
 
 
 def canonical_json(obj: Any) -> str:
@@ -131,7 +139,12 @@ def contained_path(folder: Path, name: str, what: str = "file name") -> Path:
 
 
 def validate_manifest(manifest: Any, key: str) -> dict[str, Any]:
-    """Check a manifest's shape and every name in it before anything is read or written by it."""
+    """Check a manifest's own digest, its shape and every name in it before anything is read or written by it."""
+    if isinstance(manifest, dict) and SEAL in manifest:
+        body = {k: v for k, v in manifest.items() if k != SEAL}
+        if hashlib.sha256(canonical_json(body).encode()).hexdigest() != manifest[SEAL]:
+            raise CorruptCheckpoint(f"{key}: manifest does not match its own sha256 (changed after it was written)")
+        manifest = body
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != MANIFEST_FORMAT
@@ -154,6 +167,38 @@ def validate_manifest(manifest: Any, key: str) -> dict[str, Any]:
     if not isinstance(manifest.get("meta", {}), dict):
         raise CorruptCheckpoint(f"{key}: manifest meta is not an object")
     return manifest
+
+
+#: the field a stored JSON document carries its own digest in (see :func:`seal_json`)
+SEAL = "_sha256"
+
+
+def seal_json(obj: Any) -> bytes:
+    """A JSON document that carries the sha256 of its content, so a flipped byte is detected on read.
+
+    Results, aliases and other small documents are trusted by the aggregator
+    and by every later run; without a digest, a changed digit in a stored
+    criterion would be reported as a result.  Non-dict documents are stored
+    as they are.
+    """
+    if isinstance(obj, dict):
+        body = {k: v for k, v in obj.items() if k != SEAL}
+        obj = {**body, SEAL: hashlib.sha256(canonical_json(body).encode()).hexdigest()}
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def unseal_json(data: bytes, key: str) -> Any:
+    """The document in ``data`` with its digest checked (:class:`CorruptDocument` if it does not match)."""
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptDocument(f"{key}: not valid JSON ({exc})") from None
+    if isinstance(obj, dict) and SEAL in obj:
+        body = {k: v for k, v in obj.items() if k != SEAL}
+        if hashlib.sha256(canonical_json(body).encode()).hexdigest() != obj[SEAL]:
+            raise CorruptDocument(f"{key}: content does not match its sha256")
+        return body
+    return obj  # written before documents were sealed
 
 
 VERIFY_ENV = "LMCOMPOSE_VERIFY"
@@ -249,11 +294,7 @@ class Store(ABC):
 
     def lease_holder(self, key: str) -> str | None:
         """Who holds a live lease on ``key`` (None: nobody)."""
-        try:
-            doc = self.get_json(key)
-        except (KeyError, ValueError, StoreError):
-            return None
-        return doc.get("owner") if isinstance(doc, dict) and doc.get("expires", 0) > time.time() else None
+        raise NotImplementedError
 
     def manifest(self, key: str) -> dict[str, Any]:
         """The committed manifest of ``key`` (shape and names checked; files not verified)."""
@@ -344,7 +385,7 @@ class LocalStore(Store):
             if not owned:
                 verify_folder(staging, manifest, key)  # what we copied is what we hashed
             tmp = staging / (MANIFEST + ".tmp")
-            tmp.write_text(json.dumps(manifest, indent=1))
+            tmp.write_bytes(seal_json(manifest))  # the manifest's own digest: a changed parameter is caught too
             os.replace(tmp, staging / MANIFEST)  # commit marker inside staging
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists() and not self.has_checkpoint(key):
@@ -458,6 +499,10 @@ class LocalStore(Store):
             return True
         return False
 
+    def lease_holder(self, key: str) -> str | None:
+        doc = self._read_lease(self._path(key))  # raw: a lease being written is not a corrupt document
+        return doc.get("owner") if doc and doc.get("expires", 0) > time.time() else None
+
     def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
         path = self._path(key)
         doc = self._read_lease(path)
@@ -504,17 +549,37 @@ class LocalStore(Store):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        tmp.write_bytes(seal_json(obj))
         os.replace(tmp, path)
 
-    def get_json(self, key: str) -> Any:
+    def _load_json(self, key: str) -> Any:
+        """The verified document, or ``_MISSING``; a corrupt one is moved to ``quarantine/`` and counts as missing."""
         path = self._path(key)
-        if not path.is_file():
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return _MISSING
+        try:
+            return unseal_json(data, key)
+        except CorruptDocument as exc:
+            dest = self.root / "quarantine" / f"{key.replace('/', '-')}-{uuid.uuid4().hex[:6]}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(path, dest)
+            except FileNotFoundError:
+                pass
+            log.warning("%s; quarantined to %s, so it is computed again", exc, dest)
+            return _MISSING
+
+    def get_json(self, key: str) -> Any:
+        obj = self._load_json(key)
+        if obj is _MISSING:
             raise KeyError(f"{key} not in {self.uri}")
-        return json.loads(path.read_text())
+        return obj
 
     def has_json(self, key: str) -> bool:
-        return self._path(key).is_file()
+        """True for a present document whose digest verifies (a corrupt one is quarantined: False)."""
+        return self._load_json(key) is not _MISSING
 
 
 def redact_uri(uri: str) -> str:

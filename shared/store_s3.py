@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -71,14 +72,18 @@ from shared.store import (
     Store,
     StoreError,
     canonical_json,
+    CorruptDocument,
     UnsafePath,
     contained_path,
+    seal_json,
+    unseal_json,
     sha256_file,
     validate_manifest,
     verify_policy,
 )
 
 MB = 1024 * 1024
+log = logging.getLogger("lmcompose")
 
 # Error codes that mean "who you are / what you may do" rather than "what is stored".
 _AUTH_CODES = {
@@ -429,16 +434,31 @@ class S3Store(Store):
     def put_json(self, key: str, obj: Any) -> None:
         """One PUT: S3 replaces an object atomically, so readers see the old or the new document."""
         name = self._object(key)
-        body = json.dumps(obj, indent=1, sort_keys=True).encode()
+        body = seal_json(obj)
         self._ensure_bucket()
         with self._errors(f"write {key}"):
             self._client.put_object(Bucket=self.bucket, Key=name, Body=body, ContentType="application/json")
 
-    def get_json(self, key: str) -> Any:
+    def _load_json(self, key: str) -> Any:
+        """The verified document or None; a corrupt one is kept under ``quarantine/``, deleted, and counts as missing."""
         data = self._get_bytes(key)
         if data is None:
+            return None
+        try:
+            return unseal_json(data, key)
+        except CorruptDocument as exc:
+            record = f"quarantine/{key.replace('/', '-')}-{uuid.uuid4().hex[:6]}"
+            with self._errors(f"quarantine {key}"):
+                self._client.put_object(Bucket=self.bucket, Key=self._object(record), Body=data)
+                self._client.delete_object(Bucket=self.bucket, Key=self._object(key))
+            log.warning("%s; quarantined to %s/%s, so it is computed again", exc, self.uri, record)
+            return None
+
+    def get_json(self, key: str) -> Any:
+        obj = self._load_json(key)
+        if obj is None:
             raise KeyError(f"{key} not in {self.uri}")
-        return json.loads(data)
+        return obj
 
     def object_version(self, key: str) -> tuple[int, str] | None:
         """(size, ETag) of the object at ``key`` under the prefix, or None if there is none.
@@ -486,17 +506,8 @@ class S3Store(Store):
         return size, etag
 
     def has_json(self, key: str) -> bool:
-        name = self._object(key)
-        self._ensure_bucket()
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=name)
-            return True
-        except ClientError as exc:
-            if _client_error_code(exc) in _NOT_FOUND_CODES:
-                return False
-            raise self._translate(exc, f"look up {key}") from None
-        except BotoCoreError as exc:
-            raise self._translate(exc, f"look up {key}") from None
+        """True for a present document whose digest verifies (one GET; a corrupt one is quarantined: False)."""
+        return self._load_json(key) is not None
 
     # -- manifests -----------------------------------------------------------------------------------
 
@@ -579,7 +590,7 @@ class S3Store(Store):
         identical files either manifest verifies.
         """
         name = self._object(f"{key}/{MANIFEST}")
-        body = json.dumps(manifest, indent=1).encode()
+        body = seal_json(manifest)  # the manifest's own digest: a changed parameter is caught too
         with self._errors(f"commit checkpoint {key}"):
             try:
                 self._client.put_object(
@@ -730,6 +741,10 @@ class S3Store(Store):
             with self._errors(f"expire lease {key}"):  # the holder is gone: remove its lease, try again
                 self._client.delete_object(Bucket=self.bucket, Key=name)
         return False
+
+    def lease_holder(self, key: str) -> str | None:
+        doc, _etag = self._lease(key)
+        return doc.get("owner") if doc and doc.get("expires", 0) > time.time() else None
 
     def renew_lease(self, key: str, owner: str, ttl_s: float) -> bool:
         doc, _etag = self._lease(key)

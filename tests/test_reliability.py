@@ -165,3 +165,53 @@ def test_lease_of_a_killed_local_process_is_taken_over_at_once(tmp_path: Path) -
     done: list[int] = []
     assert compute_once(store, key, lambda: bool(done), lambda: done.append(1), ttl_s=600, poll_s=0.2)
     assert time.monotonic() - started < 5
+
+
+def test_a_changed_digit_in_a_stored_result_is_not_trusted(backend: Backend) -> None:  # noqa: F811
+    """Results are sealed with their digest: a flipped byte makes the document missing (so it is recomputed)."""
+    store = backend.store
+    store.put_json("results/r.json", {"criteria": {"edit_success": 0.7}})
+    assert backend.fresh().get_json("results/r.json") == {"criteria": {"edit_success": 0.7}}
+    raw = '{"_sha256": "%s", "criteria": {"edit_success": 0.9}}'
+    from shared.store import canonical_json
+    import hashlib
+
+    digest = hashlib.sha256(canonical_json({"criteria": {"edit_success": 0.7}}).encode()).hexdigest()
+    backend.write_raw("results", "r.json", (raw % digest).encode())  # 0.7 -> 0.9, digest of 0.7
+    reader = backend.fresh()
+    assert not reader.has_json("results/r.json")
+    with pytest.raises(KeyError):
+        reader.get_json("results/r.json")
+
+
+def test_a_changed_parameter_in_a_manifest_uncommits_the_checkpoint(backend: Backend, tmp_path: Path) -> None:  # noqa: F811
+    store = backend.store
+    key = checkpoint_key("base", [{"method": "sealed-manifest"}])
+    store.put_checkpoint(key, _folder(tmp_path), {"steps": [{"method": "wanda", "params": {"sparsity": 0.5}}]})
+    if isinstance(backend, S3Backend):
+        name = f"{store.prefix}/{key}/manifest.json"
+        text = backend.client.get_object(Bucket="lm-compose-test", Key=name)["Body"].read().decode()
+    else:
+        text = (store.root / key / "manifest.json").read_text()
+    backend.write_raw(key, "manifest.json", text.replace('"sparsity": 0.5', '"sparsity": 0.7').encode())
+    reader = backend.fresh()
+    assert not reader.has_checkpoint(key)  # the producing step recomputes it; nothing reads the changed value
+
+
+def test_corrupt_parent_is_recomputed_by_the_step_that_needs_it(tmp_path: Path) -> None:
+    """Quarantine and recompute in one run: the step reading a rotten parent makes the parent again first."""
+    from shared.model_tasks import apply_to_model, prepare_base_model
+
+    store_uri = str(tmp_path / "store")
+    base, _ = prepare_base_model("builtin:tiny-random", store_uri)
+    wanda_params = {"sparsity": 0.5, "num_calibration_samples": 4, "calibration_seq_len": 32}
+    pruned, meta = apply_to_model(base, "wanda", wanda_params)
+    store = LocalStore(tmp_path / "store")
+    shard = next((store.root / pruned.key).glob("*.safetensors"))
+    good = shard.read_bytes()
+    _flip_keeping_stat(shard, offset=len(good) // 2)
+    # the next step reads the parent: verification fails, the parent is quarantined and made again
+    edited, _ = apply_to_model(pruned, "ft", {"steps": 1, "layers": [0]}, {"num_edits": 2})
+    assert store.has_checkpoint(edited.key)
+    assert next((store.root / pruned.key).glob("*.safetensors")).read_bytes() == good  # deterministic: same bytes
+    assert len(list((store.root / "quarantine").iterdir())) == 1
