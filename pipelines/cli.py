@@ -260,10 +260,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from shared.report import build_report, console_table, load_results
 
+    from shared.interventions import available
+
     results = load_results(Path(args.results))
     out = Path(args.out or Path(args.results).resolve().parent / "report")
-    build_report(results, out, title=args.title or "lm-compose report")
-    print(console_table(results))
+    # the method categories order each pair (editor before compressor, as the aggregator does) and group "# Wins"
+    categories = {name: m.category.value for name, m in available().items()}
+    build_report(results, out, title=args.title or "lm-compose report", categories=categories)
+    print(console_table(results, categories))
     print(f"\nreport written to {out}")
     return 0
 

@@ -96,3 +96,15 @@ def test_report_rejects_table_missing_columns(tmp_path, capsys):
     _results_table().drop(columns=["sweep_value"]).to_csv(table, index=False)
     with pytest.raises(Exception, match="sweep_value"):
         main(["report", "--results", str(table)])
+
+
+def test_report_command_matches_the_pipelines_aggregator(tmp_path):
+    """`lmcompose report --results` knows the method categories: same pair names and # Wins as the aggregator."""
+    from pipelines.cli import main
+
+    study = Path(__file__).resolve().parents[1] / "docs" / "results" / "edit-x-unlearn"
+    title = (study / "report.md").read_text().splitlines()[0].removeprefix("# ")
+    assert main(["report", "--results", str(study / "results.csv"), "--out", str(tmp_path), "--title", title]) == 0
+    assert (tmp_path / "report.md").read_text() == (study / "report.md").read_text()
+    assert (tmp_path / "wins.csv").read_text() == (study / "wins.csv").read_text()
+    assert "# Wins" in (tmp_path / "report.md").read_text() or "Wins" in (tmp_path / "report.md").read_text()
