@@ -120,6 +120,11 @@ def test_flipped_bytes_in_random_store_files_then_rerun(reference: dict, tmp_pat
         path.write_bytes(bytes(data))
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the content tells
     names = [str(p.relative_to(store)) for p in flipped]
+    # results of untouched models would let the re-run skip reading them: remove them, so that the
+    # evaluations read (and verify) every evaluated checkpoint, and corrupt ones are remade in the run
+    for doc in (store / "results").glob("*.json"):
+        if doc not in flipped:
+            doc.unlink()
     rerun = _run(str(store), tmp_path / "out.json")
     assert rerun.returncode == 0, f"flipped {names}\n" + _trace(rerun.stderr)
     assert json.loads((tmp_path / "out.json").read_text()) == reference["result"], names
