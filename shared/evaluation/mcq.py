@@ -3,9 +3,16 @@
 Local JSON-lines files (``{"question", "choices": [4], "answer": 0-3}``) are
 turned into a harness task by writing a task YAML into a temporary include
 directory; the harness's own tasks (``mmlu``, ``wmdp_bio``, ...) are run by
-name in a cluster.  Going through the harness keeps the scoring (cloze
-log-likelihood of each choice, ``acc`` and length-normalized ``acc_norm``)
-identical to what published numbers use.
+name in a cluster.  Going through the harness keeps the *mechanics* of scoring
+(log-likelihood of each choice's continuation, ``acc``) the harness's own.
+The *format* differs, and this is not the format published MMLU / WMDP
+numbers use: local sets are scored **cloze-style** -- the prompt is
+``Question: ...\nAnswer:`` and each candidate continuation is a choice's
+text -- while the harness's ``mmlu`` and ``wmdp_*`` tasks list the four
+choices in the prompt and score the letters ``A``-``D``.  So a local set and
+the same questions run as a harness task give different accuracies; compare
+numbers of one format only.  (A letter-format option for local sets is
+tracked with the fidelity issue.)
 
 Two harness gotchas handled here:
 
