@@ -165,3 +165,27 @@ def test_cluster_data_sources_compile_without_reading_them(tmp_path):
     compile_pipeline(spec, "s3://bucket/prefix", str(out))
     text = out.read_text()
     assert "s3://nowhere-bucket/wmdp/bio-forget-corpus.jsonl" in text and "wmdp_bio,wmdp_cyber" in text
+
+
+def test_compiled_study_pipelines_are_compact_and_their_sources_still_compile(tmp_path):
+    """Docstrings and descriptions are dropped from compiled studies (one copy per task); the code stays intact."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipelines.builder import compile_pipeline
+
+    spec = parse_spec(TINY_SPEC)
+    out = tmp_path / "p.yaml"
+    compile_pipeline(spec, "s3://bucket/prefix", str(out))
+    text = out.read_text()
+    assert text.startswith("# PIPELINE DEFINITION")
+    doc = next(yaml.safe_load_all(text))
+    json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())
+    for comp in doc["components"].values():
+        for kind in ("parameters", "artifacts"):
+            assert all("description" not in e for e in comp.get("inputDefinitions", {}).get(kind, {}).values())
+    sources = [c for ex in doc["deploymentSpec"]["executors"].values() for c in ex["container"]["command"] if "def " in c]
+    assert sources and all('"""' not in s for s in sources)
+    for source in sources:
+        compile(source, "<component>", "exec")  # still valid Python: only the docstring went
+    assert any("run_intervention(" in s for s in sources) and any("run_evaluation(" in s for s in sources)
