@@ -1,7 +1,7 @@
 """Execution of plan steps against the store: the library entry points behind every component.
 
 Each function here does one unit of pipeline work -- prepare the base model,
-apply one intervention, run one evaluator, aggregate -- reading its inputs from
+apply one intervention, aggregate (evaluation is :mod:`shared.model_tasks`) -- reading its inputs from
 and writing its outputs to the store under content-addressed keys.  Because
 keys are content-addressed, each function first looks for its result and
 returns it if present: re-running an experiment resumes instead of starting
@@ -280,53 +280,6 @@ def evaluation_config(evaluator: str, data: ExperimentData, options: dict[str, A
     if evaluator not in EVALUATOR_DATA:
         raise KeyError(f"unknown evaluator {evaluator!r}; allowed: {', '.join(EVALUATOR_DATA)}")
     return {"options": options, "data": {name: data.digest(name) for name in EVALUATOR_DATA[evaluator]}}
-
-
-def run_evaluation(store_uri: str, model_key: str, evaluator: str, data_json: str, options_json: str = "{}") -> dict[str, float]:
-    """Evaluate one checkpoint with one evaluator; cached in the store by content.
-
-    ``options`` may carry ``dtype`` (float32 / bfloat16): every model is loaded
-    in that precision for evaluation, so results never depend on the dtype the
-    last intervention happened to leave.
-    """
-    import torch
-
-    from shared.evaluation import EvalOptions, get_evaluator
-    from shared.models import default_threads, load_model
-
-    store = open_store(store_uri)
-    data = _data(data_json)
-    options = json.loads(options_json) if isinstance(options_json, str) else options_json
-    rkey = result_key(model_key, evaluator, evaluation_config(evaluator, data, options))
-    if store.has_json(rkey):
-        log.info("evaluation %s of %s already in store; skipping", evaluator, model_key)
-        return store.get_json(rkey)["criteria"]
-    folder, manifest = verified_checkpoint(store, model_key)
-    default_threads(os.environ.get("LMCOMPOSE_EVAL_THREADS"))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.get("dtype", "float32")]
-    model, tokenizer = load_model(folder, dtype=dtype)
-    eval_options = {k: v for k, v in options.items() if k != "dtype"}
-    opts = EvalOptions.model_validate({**eval_options, "compression": manifest["meta"].get("compression")})
-    started = time.time()
-    criteria = {k: float(v) for k, v in get_evaluator(evaluator)(model, tokenizer, data, opts).items()}
-    store.put_json(
-        rkey,
-        {"model_key": model_key, "evaluator": evaluator, "criteria": criteria, "seconds": time.time() - started},
-    )
-    log.info("evaluated %s with %s: %s", model_key, evaluator, criteria)
-    return criteria
-
-
-def evaluate_steps(
-    store_uri: str, model_source: str, steps_json: str, evaluator: str, data_json: str, options_json: str = "{}"
-) -> dict[str, float]:
-    """Evaluate the model obtained by ``steps`` from the base model (its key is recomputed from content).
-
-    The base model is named by its source; its content digest comes from the
-    store, where ``prepare_base`` recorded it.
-    """
-    key = model_key_for(base_digest_in_store(store_uri, model_source), json.loads(steps_json), _data(data_json))
-    return run_evaluation(store_uri, key, evaluator, data_json, options_json)
 
 
 def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):

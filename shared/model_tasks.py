@@ -164,7 +164,7 @@ def evaluate_model(
     """Evaluate one checkpoint with several evaluators, loading it at most once.
 
     Results are stored under the same content-addressed keys as
-    :func:`shared.execution.run_evaluation` (the aggregator reads them);
+    the aggregator recomputes (:func:`shared.execution.evaluation_config`);
     evaluators whose result is already stored are not recomputed.  Returns
     ``{evaluator: {criterion: value}}``.
     """
