@@ -73,7 +73,6 @@ from shared.store import (
     StoreError,
     canonical_json,
     CorruptDocument,
-    UnsafePath,
     contained_path,
     seal_json,
     unseal_json,
