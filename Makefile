@@ -98,6 +98,15 @@ images:
 	$$engine build -f images/Dockerfile.cpu --build-arg LMCOMPOSE_VERSION=$(IMAGE_TAG) -t $(IMAGE_CPU) . && \
 	$$engine build -f images/Dockerfile.cuda --build-arg LMCOMPOSE_VERSION=$(IMAGE_TAG) -t $(IMAGE_CUDA) .
 
+# the same images on a machine without Docker Hub or a container daemon (buildah + a debootstrap
+# base, as root), then a check inside the CPU image; ~15 min, ~11 GB under /var/lib/containers.
+# Run it when images/, constraints.txt or the component interface change (images/README.md).
+# IMAGES_LOCAL=cuda builds the CUDA image as far as such a machine allows; =all both.
+.PHONY: images-local
+IMAGES_LOCAL ?= cpu
+images-local:
+	IMAGE_REPOSITORY=$(IMAGE_REPOSITORY) IMAGE_TAG=$(IMAGE_TAG) images/build-local.sh $(IMAGES_LOCAL)
+
 # push both tags (after `docker login ghcr.io` or the like)
 push-images: images
 	@$(find_engine); set -x; \

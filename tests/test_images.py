@@ -68,14 +68,36 @@ def copy_sources(dockerfile: Path) -> list[str]:
     return sources
 
 
+def arg_defaults(dockerfile: Path) -> dict[str, str]:
+    """Every ``ARG NAME=default`` of a Dockerfile, the default as the builder reads it (quotes removed)."""
+    out = {}
+    for name, args in instructions(dockerfile):
+        if name == "ARG" and "=" in args:
+            key, _, value = args.partition("=")
+            words = shlex.split(value)
+            out[key.strip()] = " ".join(words)
+    return out
+
+
+def expand_args(text: str, defaults: dict[str, str]) -> str:
+    """``$NAME`` / ``${NAME}`` of a RUN replaced by the ARG default (a build without --build-arg);
+    other variables are left alone."""
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)",
+        lambda m: defaults.get(m.group(1) or m.group(2), m.group(0)),
+        text,
+    )
+
+
 def pip_installs(dockerfile: Path) -> list[list[str]]:
-    """The arguments of every `pip install` in a RUN, one list per command."""
+    """The arguments of every `pip install` in a RUN, one list per command, ARG defaults expanded."""
     commands = []
+    defaults = arg_defaults(dockerfile)
     for name, args in instructions(dockerfile):
         if name != "RUN":
             continue
         for command in re.split(r"&&|\|\||;", args):
-            words = shlex.split(command.replace("{", " ").replace("}", " "))
+            words = shlex.split(expand_args(command, defaults).replace("{", " ").replace("}", " "))
             for i in range(len(words) - 1):
                 if words[i] in ("pip", "pip3") and words[i + 1] == "install":
                     commands.append(words[i + 2 :])
