@@ -1,6 +1,6 @@
 """``lmcompose`` command line: plan, run (kfp.local), compile, report.
 
-    lmcompose plan SPEC [--store URI] [--estimate [--gpus 8,64]]
+    lmcompose plan SPEC [--store URI] [--estimate [--gpus 8,64] [--cost FILE]]
     lmcompose run SPEC [--store URI] [--out DIR]
     lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N]
     lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N]
@@ -91,7 +91,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     print(f"KFP tasks:          {runs['tasks']} (largest run: {runs['largest_run_tasks']})")
     if args.estimate:
-        from shared.estimate import estimate, format_estimate
+        from shared.estimate import LLAMA3_8B_A100, estimate, format_estimate, load_cost_table
 
         try:
             gpus = tuple(int(n) for n in args.gpus.split(","))
@@ -99,7 +99,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise SpecError(f"--gpus: expected comma-separated GPU counts such as 8,64, got {args.gpus!r}") from None
         if any(n < 1 for n in gpus):
             raise SpecError(f"--gpus: GPU counts must be at least 1, got {args.gpus!r}")
-        print(format_estimate(estimate(plan, gpus, shards=shards)))
+        try:
+            cost = load_cost_table(args.cost) if args.cost else LLAMA3_8B_A100
+        except ValueError as exc:
+            raise SpecError(f"--cost: {exc}") from None
+        print(format_estimate(estimate(plan, gpus, cost=cost, shards=shards)))
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
     return 0
@@ -302,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate", action="store_true",
                    help="estimate GPU-hours and makespan on a cluster (Llama-3-8B on A100 cost table, docs/cost-model.md)")
     p.add_argument("--gpus", default="8,64", help="GPU counts for --estimate (default 8,64)")
+    p.add_argument("--cost", metavar="FILE",
+                   help="cost table for --estimate: a JSON file such as benchmarks/gpu_check.sh's cost_table.json "
+                        "(docs/gpu.md); default: the Llama-3-8B/A100 estimates")
     p.add_argument("--placement", help="cluster placement file (see manifests/): counts runs with its shards")
     p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
     p.set_defaults(func=cmd_plan)

@@ -74,6 +74,46 @@ LLAMA3_8B_A100 = CostTable(
 )
 
 
+def load_cost_table(path: str | Any) -> CostTable:
+    """A :class:`CostTable` from a JSON file (``benchmarks/gpu_check.sh`` writes ``cost_table.json``).
+
+    Every field of the dataclass must be there; ``step_s`` and ``evaluator_s``
+    must name every figure the default table has, each a non-negative number.
+    """
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cost table {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"cost table {path}: expected a JSON object")
+    names = {f.name for f in fields(CostTable)}
+    missing = sorted(names - set(doc) - {"sources"})
+    unknown = sorted(set(doc) - names)
+    if missing or unknown:
+        raise ValueError(f"cost table {path}: missing {missing}, unknown {unknown}")
+    for part in ("step_s", "evaluator_s"):
+        absent = sorted(set(getattr(LLAMA3_8B_A100, part)) - set(doc[part]))
+        if absent:
+            raise ValueError(f"cost table {path}: {part} has no figure for {', '.join(absent)}")
+        for key, value in doc[part].items():
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"cost table {path}: {part}.{key} must be a non-negative number, got {value!r}")
+    for key in names - {"name", "step_s", "evaluator_s", "sources"}:
+        if not isinstance(doc[key], (int, float)) or doc[key] < 0:
+            raise ValueError(f"cost table {path}: {key} must be a non-negative number, got {doc[key]!r}")
+    return CostTable(
+        name=str(doc["name"]),
+        step_s={k: float(v) for k, v in doc["step_s"].items()},
+        evaluator_s={k: float(v) for k, v in doc["evaluator_s"].items()},
+        **{k: float(doc[k]) for k in ("load_s", "save_s", "prepare_base_s", "collect_s", "aggregate_s")},
+        sources={str(k): str(v) for k, v in (doc.get("sources") or {}).items()},
+    )
+
+
 @dataclass
 class SimTask:
     """One task of the simulated graph."""
@@ -234,8 +274,9 @@ def estimate(plan: Plan, gpus: tuple[int, ...] = (8, 64), cost: CostTable = LLAM
 
 
 def format_estimate(result: dict[str, Any]) -> str:
+    kind = "estimates, not measurements" if result["cost_table"] == LLAMA3_8B_A100.name else "its sources say what was measured"
     lines = [
-        f"estimate ({result['cost_table']} cost table, docs/cost-model.md; estimates, not measurements):",
+        f"estimate ({result['cost_table']} cost table, docs/cost-model.md; {kind}):",
         f"  GPU-hours:          {result['gpu_hours']:.1f}",
         f"  checkpoint loads:   {result['checkpoint_downloads']}",
         f"  critical path:      {result['critical_path_h']:.1f} h",

@@ -147,14 +147,14 @@ def apply_step(
     """
     import torch
 
-    from shared.models import default_threads, load_model, save_model
+    from shared.models import default_threads, load_model, save_model, step_dtype
 
     key = checkpoint_key(base_digest, keyed)
     folder, manifest = verified_checkpoint(store, parent_key, trust_remote_code)
     parent_meta = manifest["meta"]
 
     default_threads()
-    model, tokenizer = load_model(folder, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(folder, dtype=step_dtype(), trust_remote_code=trust_remote_code)
     method = get_intervention(step["method"])
     params = method.parse_params(step["params"])
     parent_state, parent_grid_args = load_state(folder)

@@ -264,10 +264,33 @@ def materialize_base(source: str, dest: Path) -> None:
     save_model(model, tok, dest)
 
 
+#: where models are loaded for computing: ``$LMCOMPOSE_DEVICE`` (``cpu`` when unset, e.g. ``cuda``)
+DEVICE_ENV = "LMCOMPOSE_DEVICE"
+#: precision an intervention step loads its model in: ``$LMCOMPOSE_STEP_DTYPE`` (float32 when unset; bfloat16)
+STEP_DTYPE_ENV = "LMCOMPOSE_STEP_DTYPE"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_device() -> str:
+    """The device models are loaded on (``$LMCOMPOSE_DEVICE``, default ``cpu``)."""
+    return os.environ.get(DEVICE_ENV, "").strip() or "cpu"
+
+
+def step_dtype() -> torch.dtype:
+    """The precision of intervention steps (``$LMCOMPOSE_STEP_DTYPE``, default float32).
+
+    Not part of a checkpoint's key: one store should be written with one setting.
+    """
+    name = os.environ.get(STEP_DTYPE_ENV, "").strip() or "float32"
+    if name not in _DTYPES:
+        raise ValueError(f"{STEP_DTYPE_ENV}: must be one of {', '.join(_DTYPES)} (got {name!r})")
+    return _DTYPES[name]
+
+
 def load_model(
     path: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local safetensors folder.
+    """Load a causal LM and its tokenizer from a local safetensors folder, on :func:`compute_device`.
 
     The tokenizer gets a pad token (EOS) so batched evaluation and training work.
     """
@@ -277,6 +300,9 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    device = compute_device()
+    if device != "cpu":
+        model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
