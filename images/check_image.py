@@ -6,7 +6,8 @@ style).  It checks, and fails with a message on the first thing that is wrong:
 1. the image's smoke test: the pinned torch (a CPU build in the CPU image),
    kfp, the library, the built-in data and the built-in model's GGUF;
 2. who runs it: not root, group 0, a writable HOME and caches, ``lmcompose --help``;
-3. one intervention component and one evaluation component end to end, with the
+3. no network (it runs in an empty network namespace);
+4. one intervention component and one evaluation component end to end, with the
    component interface a Kubeflow user touches -- ``prepare_base`` ->
    ``wanda`` -> ``evaluate`` chained by their ``model`` artifacts, run by
    ``kfp.local.SubprocessRunner(use_venv=False)`` in the image's own Python, on
@@ -82,6 +83,18 @@ class Outputs(NamedTuple):
     results: str
 
 
+def offline() -> dict:
+    """The check runs without a network (build-local.sh runs it in an empty network namespace)."""
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+    except OSError as exc:
+        return {"network": f"none ({type(exc).__name__})"}
+    fail("pypi.org is reachable: the check is meant to run offline (--allow-network to skip this)")
+    return {}
+
+
 def components_end_to_end() -> dict:
     import kfp.local
     from kfp import dsl
@@ -126,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--expect-uid", type=int)
     parser.add_argument("--skip-components", action="store_true", help="only the smoke test and the user checks")
+    parser.add_argument("--allow-network", action="store_true", help="do not insist on running offline")
     args = parser.parse_args(argv)
     os.chdir("/")  # the installed library, not a source tree
-    report = {"kind": args.kind, "smoke": smoke(args.kind), "user": user(args.expect_uid)}
+    report = {"kind": args.kind, "offline": {} if args.allow_network else offline(),
+              "smoke": smoke(args.kind), "user": user(args.expect_uid)}
     if not args.skip_components:
         report["components"] = components_end_to_end()
     print("check_image: OK " + json.dumps(report, sort_keys=True))
