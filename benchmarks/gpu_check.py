@@ -310,16 +310,17 @@ def cost_table(meta: dict[str, Any], extrapolated: dict[str, dict[str, Any]]) ->
     where = f"measured by benchmarks/gpu_check.sh on {meta['device']} ({meta['date']}, commit {meta['commit']}), " \
             f"random Llama-3-8B-shaped layers at {meta['layers_8b']} layers, extrapolated to {TARGET_LAYERS}"
     sources = {}
+    estimated = "estimate (docs/cost-model.md), not measured"
     for method in list(doc["step_s"]):
         figure = extrapolated.get(f"step/{method}/compute_s")
         if figure:
             doc["step_s"][method] = figure[key]
-            sources[f"step_s.{method}"] = where
+        sources[f"step_s.{method}"] = where if figure else estimated
     for evaluator in list(doc["evaluator_s"]):
         figure = extrapolated.get(f"evaluator/{evaluator}/compute_s")
         if figure:
             doc["evaluator_s"][evaluator] = figure[key]
-            sources[f"evaluator_s.{evaluator}"] = where
+        sources[f"evaluator_s.{evaluator}"] = where if figure else estimated
     load = extrapolated.get("evaluate/load_s")
     if load:
         doc["load_s"] = load[key]
@@ -333,9 +334,8 @@ def cost_table(meta: dict[str, Any], extrapolated: dict[str, dict[str, Any]]) ->
     if prep:
         doc["prepare_base_s"] = prep[key]
         sources["prepare_base_s"] = where + " (a local folder; a hub download is not included)"
-    for name in ("step_s", "evaluator_s", "load_s", "save_s", "prepare_base_s", "collect_s", "aggregate_s"):
-        if not any(k == name or k.startswith(name + ".") for k in sources):
-            sources.setdefault(name, "estimate (docs/cost-model.md), not measured")
+    for name in ("load_s", "save_s", "prepare_base_s", "collect_s", "aggregate_s"):
+        sources.setdefault(name, estimated)
     doc["name"] = f"llama3-8b-{meta['device_short']}-measured" if not meta["cpu"] else "dry-run-cpu-not-figures"
     doc["sources"] = sources
     return doc

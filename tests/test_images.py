@@ -398,3 +398,56 @@ def test_make_images_says_when_there_is_no_engine_and_uses_podman_otherwise(tmp_
     assert calls[0] == "info"
     assert f"build -f images/Dockerfile.cpu --build-arg LMCOMPOSE_VERSION={tag} -t {repository}:{tag}-cpu ." in calls
     assert f"build -f images/Dockerfile.cuda --build-arg LMCOMPOSE_VERSION={tag} -t {repository}:{tag}-cuda ." in calls
+
+
+# -- the local build (images/build-local.sh, make images-local) ------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_torch_source_is_a_build_argument_whose_default_is_the_pytorch_index(kind):
+    defaults = arg_defaults(DOCKERFILES[kind])
+    assert defaults["TORCH_SOURCE"] == f"--index-url {TORCH_INDEX[kind]}"
+    runs = [a for name, a in instructions(DOCKERFILES[kind]) if name == "RUN" and "torch==" in a]
+    assert runs == ["pip install ${TORCH_SOURCE} torch==2.13.0"], runs
+    # what images/build-local.sh passes instead: the local wheel folder, no index URL left over
+    local = pip_installs_with(DOCKERFILES[kind], {"TORCH_SOURCE": "--find-links /wheels"})
+    (command,) = [c for c in local if any(a.startswith("torch") for a in c)]
+    assert command == ["--find-links", "/wheels", "torch==2.13.0"]
+
+
+def pip_installs_with(dockerfile: Path, build_args: dict[str, str]) -> list[list[str]]:
+    """pip_installs as a build with ``--build-arg`` overrides would run them."""
+    defaults = {**arg_defaults(dockerfile), **build_args}
+    commands = []
+    for name, args in instructions(dockerfile):
+        if name == "RUN":
+            for command in re.split(r"&&|\|\||;", args):
+                words = shlex.split(expand_args(command, defaults).replace("{", " ").replace("}", " "))
+                if words[:2] == ["pip", "install"]:
+                    commands.append(words[2:])
+    return commands
+
+
+def test_local_build_mounts_the_ca_bundle_and_wheels_read_only_and_never_copies_them():
+    script = (ROOT / "images" / "build-local.sh").read_text()
+    assert os.access(ROOT / "images" / "build-local.sh", os.X_OK)
+    assert '--volume "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro"' in script
+    assert '--volume "$TORCH_WHEELS:/wheels:ro"' in script and '"TORCH_SOURCE=$TORCH_SOURCE_CPU"' in script
+    assert '--build-arg "PYTHON_IMAGE=$BASE"' in script and "--isolation chroot" in script
+    for path in DOCKERFILES.values():
+        for name, args in instructions(path):
+            if name in ("COPY", "ADD"):
+                assert "cert" not in args and "wheels" not in args, f"{path.name}: {name} {args}"
+    # the in-image check is mounted at run time, never part of the build context
+    assert excluded("images/check_image.py") and excluded("images/build-local.sh")
+    result = subprocess.run(["bash", "-n", str(ROOT / "images" / "build-local.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_images_local_runs_the_script_with_the_makefile_tags():
+    result = subprocess.run([shutil.which("make"), "-n", "images-local", "IMAGES_LOCAL=all"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    repository, tag = makefile_var("IMAGE_REPOSITORY"), makefile_var("IMAGE_TAG")
+    assert f"IMAGE_REPOSITORY={repository} IMAGE_TAG={tag} images/build-local.sh all" in result.stdout
