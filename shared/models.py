@@ -250,7 +250,7 @@ def materialize_base(source: str, dest: Path) -> None:
             raise ModelSourceError(f"local model folder {src} does not exist")
         if not any(src.glob("*.safetensors")):
             raise ModelSourceError(f"{src} holds no *.safetensors files (only safetensors are accepted)")
-        model, tok = load_model(src)
+        model, tok = load_model(src, dtype=step_dtype())
         save_model(model, tok, dest)
         return
     from huggingface_hub import snapshot_download
@@ -260,7 +260,7 @@ def materialize_base(source: str, dest: Path) -> None:
         revision=parsed.revision,
         allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"],
     )
-    model, tok = load_model(Path(snap))
+    model, tok = load_model(Path(snap), dtype=step_dtype())
     save_model(model, tok, dest)
 
 
@@ -277,9 +277,11 @@ def compute_device() -> str:
 
 
 def step_dtype() -> torch.dtype:
-    """The precision of intervention steps (``$LMCOMPOSE_STEP_DTYPE``, default float32).
+    """The precision of intervention steps and of stored local/hub base models (``$LMCOMPOSE_STEP_DTYPE``,
+    default float32).
 
-    Not part of a checkpoint's key: one store should be written with one setting.
+    Not part of a checkpoint's key (a base model's digest follows its stored content): one store
+    should be written with one setting.
     """
     name = os.environ.get(STEP_DTYPE_ENV, "").strip() or "float32"
     if name not in _DTYPES:
