@@ -153,3 +153,19 @@ def test_cpu_dry_run_measures_every_method_evaluator_and_the_composition(tmp_pat
     assert table.name == "dry-run-cpu-not-figures"
     assert "CPU DRY RUN" in (out / "summary.md").read_text()
     assert not (out / "work").exists()  # models and stores are removed
+
+
+def test_device_and_step_precision_come_from_the_environment(monkeypatch):
+    import torch
+
+    from shared.models import compute_device, step_dtype
+
+    monkeypatch.delenv("LMCOMPOSE_DEVICE", raising=False)
+    monkeypatch.delenv("LMCOMPOSE_STEP_DTYPE", raising=False)
+    assert compute_device() == "cpu" and step_dtype() is torch.float32  # the defaults: nothing changes
+    monkeypatch.setenv("LMCOMPOSE_DEVICE", "cuda")
+    monkeypatch.setenv("LMCOMPOSE_STEP_DTYPE", "bfloat16")
+    assert compute_device() == "cuda" and step_dtype() is torch.bfloat16
+    monkeypatch.setenv("LMCOMPOSE_STEP_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="LMCOMPOSE_STEP_DTYPE"):
+        step_dtype()
