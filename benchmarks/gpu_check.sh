@@ -63,7 +63,7 @@ fi
 # 2. what this machine has (recorded with the results)
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo "${LMCOMPOSE_COMMIT:-?}")"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" - <<'PY' || true
 import importlib, sys
