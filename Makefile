@@ -103,9 +103,11 @@ images:
 # Run it when images/, constraints.txt or the component interface change (images/README.md).
 # IMAGES_LOCAL=cuda builds the CUDA image as far as such a machine allows; =all both.
 .PHONY: images-local
+# IMAGES_LOCAL_FLAGS=--from-scratch: no cached base or layers (a first build's time).
 IMAGES_LOCAL ?= cpu
+IMAGES_LOCAL_FLAGS ?=
 images-local:
-	IMAGE_REPOSITORY=$(IMAGE_REPOSITORY) IMAGE_TAG=$(IMAGE_TAG) images/build-local.sh $(IMAGES_LOCAL)
+	IMAGE_REPOSITORY=$(IMAGE_REPOSITORY) IMAGE_TAG=$(IMAGE_TAG) images/build-local.sh $(IMAGES_LOCAL) $(IMAGES_LOCAL_FLAGS)
 
 # push both tags (after `docker login ghcr.io` or the like)
 push-images: images

@@ -6,7 +6,7 @@
 # images/README.md ("Building without Docker Hub") for what it needs and what it
 # recorded.
 #
-#   images/build-local.sh [cpu|cuda|all] [--check-only] [--rebuild-base] [--keep]
+#   images/build-local.sh [cpu|cuda|all] [--check-only] [--rebuild-base|--from-scratch] [--clean]
 #
 #   cpu (default)   build images/Dockerfile.cpu, then run images/check_image.py in it
 #                   as uid 1000 and as an arbitrary uid in group 0
@@ -14,8 +14,9 @@
 #                   (see images/README.md), smoke test only: there is no GPU here
 #   --check-only    only the in-image check of an already built image
 #   --rebuild-base  make the debootstrap base again even if it exists
-#   --keep          keep the built images (default: kept; --clean removes them and
-#                   the build cache afterwards, which frees ~11 GB of vfs storage)
+#   --from-scratch  --rebuild-base, and no cached layers either (what a first build on a machine costs)
+#   --clean         remove the built images and the build cache afterwards (frees ~11 GB of
+#                   vfs storage; by default they are kept)
 #
 # Environment (defaults in brackets):
 #   IMAGE_REPOSITORY, IMAGE_TAG   [ghcr.io/lm-compose/lm-compose, 0.1.0] as in the Makefile
@@ -31,13 +32,13 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-KIND=cpu CHECK_ONLY=0 REBUILD_BASE=0 CLEAN=0
+KIND=cpu CHECK_ONLY=0 REBUILD_BASE=0 CLEAN=0 NO_CACHE=()
 for arg in "$@"; do
   case "$arg" in
     cpu|cuda|all) KIND=$arg ;;
     --check-only) CHECK_ONLY=1 ;;
     --rebuild-base) REBUILD_BASE=1 ;;
-    --keep) CLEAN=0 ;;
+    --from-scratch) REBUILD_BASE=1; NO_CACHE=(--no-cache) ;;
     --clean) CLEAN=1 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "build-local.sh: unknown argument $arg" >&2; exit 2 ;;
@@ -107,7 +108,7 @@ build() {  # kind
     args+=(--build-arg "TORCH_SOURCE=$TORCH_SOURCE_CUDA")
   fi
   say "buildah bud $kind -> $image"
-  $BUILDAH bud "${args[@]}" "$ROOT"
+  $BUILDAH bud "${args[@]}" ${NO_CACHE[@]+"${NO_CACHE[@]}"} "$ROOT"
   local seconds=$((SECONDS - started))
   local size
   size=$($BUILDAH images --format '{{.Size}}' "$image" | head -1)
