@@ -10,8 +10,8 @@
 #
 #   cpu (default)   build images/Dockerfile.cpu, then run images/check_image.py in it
 #                   as uid 1000 and as an arbitrary uid in group 0
-#   cuda            build images/Dockerfile.cuda as far as this machine allows
-#                   (see images/README.md), smoke test only: there is no GPU here
+#   cuda            build images/Dockerfile.cuda as far as this machine allows (see
+#                   images/README.md) and run the same check in it, on the CPU: no GPU here
 #   --check-only    only the in-image check of an already built image
 #   --rebuild-base  make the debootstrap base again even if it exists
 #   --from-scratch  --rebuild-base, and no cached layers either (what a first build on a machine costs)
@@ -125,8 +125,8 @@ check() {  # kind
   # buildah itself runs in a new, empty one (unshare --net: only a loopback that is down)
   local run=(unshare --net $BUILDAH run --isolation chroot --volume "$ROOT/images/check_image.py:/opt/check/check_image.py:ro"
              --env HF_HUB_OFFLINE=1 --env HF_DATASETS_OFFLINE=1)
+  # in the CUDA image too the components run on the CPU (no GPU here; the CUDA path is benchmarks/gpu_check.sh's)
   local extra=()
-  [ "$kind" = cuda ] && extra=(--skip-components)  # no GPU here; the CUDA path is benchmarks/gpu_check.sh's
   say "in-image check ($kind): as the image's user (uid 1000)"
   "${run[@]}" --user 1000:0 "$ctr" -- python3 /opt/check/check_image.py --kind "$kind" --expect-uid 1000 "${extra[@]}"
   say "in-image check ($kind): as an arbitrary uid in group 0 (OpenShift style)"
