@@ -69,7 +69,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 CPU_SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(SHAPES["smollm2-135m"], hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2),
-    "llama3-8b": dict(SHAPES["llama3-8b"], hidden_size=128, intermediate_size=448, num_attention_heads=4,
+    "llama3-8b": dict(SHAPES["llama3-8b"], hidden_size=64, intermediate_size=192, num_attention_heads=4,
                       num_key_value_heads=1, vocab_size=49152),
 }
 GPU_LAYERS_8B = (5, 10)  # rmu's default layer (8) fits in 10; both counts hold 5 edited layers
@@ -194,66 +194,95 @@ def _drop_checkpoint(store_uri: str, key: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_shape(rec: Recorder, args: argparse.Namespace, shape_name: str, num_layers: int, tokenizer: Any,
-              work: Path, composition: bool, drop: bool) -> None:
-    from shared.model_ref import ModelRef
-    from shared.model_tasks import apply_to_model, evaluate_model, prepare_base_model
-    from shared.store import open_store
+class Shape:
+    """One model (a shape at a layer count) in its own store: built, prepared, then stepped and evaluated."""
 
-    shapes = CPU_SHAPES if args.cpu else SHAPES
-    params_for = CPU_PARAMS if args.cpu else {}
-    data = CPU_DATA if args.cpu else DATA
-    options = CPU_EVAL_OPTIONS if args.cpu else EVAL_OPTIONS
-    tag = f"{shape_name}-L{num_layers}"
-    folder, store_uri = work / "models" / tag, str(work / "stores" / tag)
-    common = {"shape": shape_name, "layers": num_layers}
+    def __init__(self, rec: Recorder, args: argparse.Namespace, name: str, num_layers: int, work: Path) -> None:
+        self.rec, self.args, self.name, self.num_layers = rec, args, name, num_layers
+        tag = f"{name}-L{num_layers}"
+        self.folder, self.store_uri = work / "models" / tag, str(work / "stores" / tag)
+        self.common = {"shape": name, "layers": num_layers}
+        self.params_for = CPU_PARAMS if args.cpu else {}
+        self.data = CPU_DATA if args.cpu else DATA
+        self.options = CPU_EVAL_OPTIONS if args.cpu else EVAL_OPTIONS
+        self.base: Any = None
+        self.kept: dict[str, Any] = {}
 
-    rec.run({**common, "kind": "build", "name": "random-init"},
-            lambda: build_model(folder, shapes[shape_name], num_layers, tokenizer, args.device) or {})
-    base: dict[str, ModelRef] = {}
+    def prepare(self, tokenizer: Any) -> bool:
+        """Build the random model and put it into the store (``prepare_base``); False if either failed."""
+        from shared.model_tasks import prepare_base_model
 
-    def prepare() -> dict[str, Any]:
-        ref, meta = prepare_base_model(str(folder), store_uri)
-        base["ref"] = ref
-        return {"size_bytes": meta.get("size_bytes")}
+        shape = (CPU_SHAPES if self.args.cpu else SHAPES)[self.name]
+        self.rec.run({**self.common, "kind": "build", "name": "random-init"},
+                     lambda: build_model(self.folder, shape, self.num_layers, tokenizer, self.args.device) or {})
 
-    rec.run({**common, "kind": "prepare", "name": "prepare_base"}, prepare)
-    if "ref" not in base:
-        return
-    store = open_store(store_uri)
+        def prepare() -> dict[str, Any]:
+            self.base, meta = prepare_base_model(str(self.folder), self.store_uri)
+            return {"size_bytes": meta.get("size_bytes")}
 
-    def step(parent: ModelRef, method: str, out: dict[str, ModelRef] | None = None) -> Callable[[], dict[str, Any]]:
+        self.rec.run({**self.common, "kind": "prepare", "name": "prepare_base"}, prepare)
+        shutil.rmtree(self.folder, ignore_errors=True)  # the store holds it now
+        return self.base is not None
+
+    def step(self, method: str, parent: Any = None, keep: bool = False, drop: bool = False,
+             kind: str = "intervention", label: str | None = None) -> None:
+        """``apply_to_model`` once; ``keep`` remembers the result (for a composition), ``drop`` frees its disk."""
+        from shared.model_tasks import apply_to_model
+        from shared.store import open_store
+
         def go() -> dict[str, Any]:
-            params = fit_layers(method, params_for.get(method, {}), num_layers)
-            ref, _meta = apply_to_model(parent, method, params, {**data})
-            record = store.checkpoint_meta(ref.key)["records"][-1]
-            if out is not None:
-                out[method] = ref
+            params = fit_layers(method, self.params_for.get(method, {}), self.num_layers)
+            ref, _meta = apply_to_model(parent or self.base, method, params, dict(self.data))
+            record = open_store(self.store_uri).checkpoint_meta(ref.key)["records"][-1]
+            if keep:
+                self.kept[method] = ref
             elif drop:
-                _drop_checkpoint(store_uri, ref.key)
+                _drop_checkpoint(self.store_uri, ref.key)
             return {"compute_s": round(float(record["seconds"]), 3), "params": params}
-        return go
 
-    kept: dict[str, ModelRef] = {}
-    for method in METHODS:
-        keep = composition and method == COMPOSITION[0]
-        rec.run({**common, "kind": "intervention", "name": method}, step(base["ref"], method, kept if keep else None))
+        self.rec.run({**self.common, "kind": kind, "name": label or method}, go)
 
-    def evaluate() -> dict[str, Any]:
-        results = evaluate_model(base["ref"], list(EVALUATORS), data, options)
+    def evaluate(self) -> None:
+        """Every evaluator on the base model in one ``evaluate_model`` call (one load), each one's seconds."""
         from shared.execution import evaluation_config
-        from shared.model_tasks import data_for
-        from shared.store import result_key
+        from shared.model_tasks import data_for, evaluate_model
+        from shared.store import open_store, result_key
 
-        d = data_for(data)
-        seconds = {e: round(float(store.get_json(result_key(base["ref"].key, e, evaluation_config(e, d, options)))["seconds"]), 3)
-                   for e in EVALUATORS}
-        return {"evaluator_s": seconds, "criteria": results}
+        def go() -> dict[str, Any]:
+            results = evaluate_model(self.base, list(EVALUATORS), self.data, self.options)
+            store, data = open_store(self.store_uri), data_for(self.data)
+            seconds = {e: round(float(store.get_json(result_key(self.base.key, e, evaluation_config(e, data, self.options)))["seconds"]), 3)
+                       for e in EVALUATORS}
+            return {"evaluator_s": seconds, "criteria": results}
 
-    rec.run({**common, "kind": "evaluate", "name": "+".join(EVALUATORS)}, evaluate)
-    if composition and COMPOSITION[0] in kept:
-        rec.run({**common, "kind": "composition", "name": " > ".join(COMPOSITION)},
-                step(kept[COMPOSITION[0]], COMPOSITION[1]))
+        self.rec.run({**self.common, "kind": "evaluate", "name": "+".join(EVALUATORS)}, go)
+
+    def composition(self) -> None:
+        first, second = COMPOSITION
+        if first in self.kept:
+            self.step(second, parent=self.kept[first], kind="composition", label=" > ".join(COMPOSITION))
+
+
+def run_all(rec: Recorder, args: argparse.Namespace, tokenizer: Any, work: Path, layers_8b: tuple[int, ...]) -> None:
+    """SmolLM2's shape (steps, evaluators, composition), then the 8B shape at both layer counts side by
+    side -- each method at both counts before the next method, so a run cut short by the budget
+    still has both points of every method it reached."""
+    small_layers = (CPU_SHAPES if args.cpu else SHAPES)["smollm2-135m"]["num_hidden_layers"]
+    small = Shape(rec, args, "smollm2-135m", small_layers, work)
+    if small.prepare(tokenizer):
+        for method in METHODS:
+            small.step(method, keep=method == COMPOSITION[0])
+        small.evaluate()
+        small.composition()
+    if args.skip_8b:
+        return
+    big = [Shape(rec, args, "llama3-8b", n, work) for n in layers_8b]
+    big = [b for b in big if b.prepare(tokenizer)]
+    for method in METHODS:
+        for b in big:
+            b.step(method, drop=True)
+    for b in big:
+        b.evaluate()
 
 
 # -- figures: per layer, extrapolated, as a CostTable ------------------------------------------------
@@ -406,13 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = Recorder(out, meta, args.budget_s)
     tokenizer = load_tokenizer(args.tokenizer)
     try:
-        run_shape(rec, args, "smollm2-135m", (CPU_SHAPES if args.cpu else SHAPES)["smollm2-135m"]["num_hidden_layers"],
-                  tokenizer, work, composition=True, drop=False)
-        if not args.skip_8b:
-            for n in layers_8b:
-                run_shape(rec, args, "llama3-8b", n, tokenizer, work, composition=False, drop=True)
-                shutil.rmtree(work / "models" / f"llama3-8b-L{n}", ignore_errors=True)
-                shutil.rmtree(work / "stores" / f"llama3-8b-L{n}", ignore_errors=True)
+        run_all(rec, args, tokenizer, work, layers_8b)
     finally:
         extrapolated = extrapolate(rec.rows)
         (out / "extrapolated.json").write_text(json.dumps(extrapolated, indent=1))
