@@ -264,7 +264,8 @@ def materialize_base(source: str, dest: Path) -> None:
     save_model(model, tok, dest)
 
 
-#: where models are loaded for computing: ``$LMCOMPOSE_DEVICE`` (``cpu`` when unset, e.g. ``cuda``)
+#: where models are loaded for computing: ``$LMCOMPOSE_DEVICE`` (``auto`` when unset: ``cuda`` where
+#: torch sees a GPU, else ``cpu``; or a torch device name such as ``cpu``, ``cuda``, ``cuda:1``)
 DEVICE_ENV = "LMCOMPOSE_DEVICE"
 #: precision an intervention step loads its model in: ``$LMCOMPOSE_STEP_DTYPE`` (float32 when unset; bfloat16)
 STEP_DTYPE_ENV = "LMCOMPOSE_STEP_DTYPE"
@@ -272,8 +273,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def compute_device() -> str:
-    """The device models are loaded on (``$LMCOMPOSE_DEVICE``, default ``cpu``)."""
-    return os.environ.get(DEVICE_ENV, "").strip() or "cpu"
+    """The device models are loaded on (``$LMCOMPOSE_DEVICE``; ``auto``, the default, is the GPU if there is one)."""
+    name = os.environ.get(DEVICE_ENV, "").strip() or "auto"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def step_dtype() -> torch.dtype:

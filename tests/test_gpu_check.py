@@ -162,7 +162,10 @@ def test_device_and_step_precision_come_from_the_environment(monkeypatch):
 
     monkeypatch.delenv("LMCOMPOSE_DEVICE", raising=False)
     monkeypatch.delenv("LMCOMPOSE_STEP_DTYPE", raising=False)
-    assert compute_device() == "cpu" and step_dtype() is torch.float32  # the defaults: nothing changes
+    # the defaults: the GPU where there is one (a cluster's GPU task), float32 steps
+    assert compute_device() == ("cuda" if torch.cuda.is_available() else "cpu") and step_dtype() is torch.float32
+    monkeypatch.setenv("LMCOMPOSE_DEVICE", "cpu")
+    assert compute_device() == "cpu"
     monkeypatch.setenv("LMCOMPOSE_DEVICE", "cuda")
     monkeypatch.setenv("LMCOMPOSE_STEP_DTYPE", "bfloat16")
     assert compute_device() == "cuda" and step_dtype() is torch.bfloat16
