@@ -14,13 +14,16 @@
 #
 # On a machine without network the packages the device lacks come as wheels in
 # .gpu-carry/ (made by benchmarks/gpu_wheels.sh); they are installed without
-# dependencies and without an index into .gpu-site/ (git-ignored), which goes
+# dependencies and without an index into .gpu-site/site-packages (git-ignored), which goes
 # first on PYTHONPATH.  torch and transformers are never installed: the machine's own are used.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-$ROOT/gpu-check-out}
-SITE=$ROOT/.gpu-site
+# the folder's path must contain "site-packages": dill (which datasets hashes calibration sets
+# with) pickles modules from anywhere else by value, and pyarrow's types cannot be pickled
+SITE=${GPU_SITE:-$ROOT/.gpu-site/site-packages}
+CARRY=${GPU_CARRY:-.gpu-carry}
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
@@ -38,7 +41,7 @@ export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # 1. carried wheels -> .gpu-site (only those whose package is not importable already)
 shopt -s nullglob
-wheels=(.gpu-carry/wheels*/*.whl)
+wheels=("$CARRY"/wheels*/*.whl)
 if [ ${#wheels[@]} -gt 0 ]; then
   # a wheel whose module (its distribution name, for every carried one) imports already is left out:
   # the machine's own version, or one installed by an earlier call, stays
@@ -85,7 +88,7 @@ fi
 
 # 3. the measurements
 tokenizer=()
-[ -f .gpu-carry/tokenizer/tokenizer.json ] && tokenizer=(--tokenizer .gpu-carry/tokenizer)
+[ -f "$CARRY/tokenizer/tokenizer.json" ] && tokenizer=(--tokenizer "$CARRY/tokenizer")
 work=${GPU_CHECK_WORK:-}
 [ -z "$work" ] && { [ $cpu = 1 ] && work=$OUT/work || work=${TMPDIR:-/tmp}/gpu-check-work; }
 exec "$PY" benchmarks/gpu_check.py --out "$OUT" --work "$work" "${tokenizer[@]}" "${args[@]}"

@@ -15,14 +15,18 @@ PYV=3.12
 [ "${1:-}" = --python-version ] && PYV=$2
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-OUT=$ROOT/.gpu-carry
+OUT=${GPU_CARRY:-$ROOT/.gpu-carry}  # GPU_CARRY: another folder (e.g. wheels for another Python)
 # imported on the paths gpu_check.py runs (found with python -X importtime) and not on the device:
 #   llm-compressor and compressed-tensors (wanda, sparsegpt, gptq, awq), loguru (llm-compressor's log),
 #   lm_eval (multiple-choice evaluation) with datasets (+ pyarrow, dill, multiprocess, xxhash) and
 #   sacrebleu (+ lxml, portalocker, tabulate, colorama), which lm_eval imports at start-up,
-#   pydantic (every method's parameters)
+#   pydantic (every method's parameters), requests (llm-compressor, lm_eval; huggingface_hub 1.x,
+#   and so transformers, no longer brings it); each is installed only where it does not import already.
+#   Checked by running the dry run in a venv holding only torch, transformers, peft, accelerate,
+#   safetensors and pandas, with these wheels (for that venv's Python) installed as on the device.
 PACKAGES="llmcompressor compressed-tensors loguru lm_eval datasets pyarrow dill multiprocess xxhash
-          sacrebleu lxml portalocker tabulate colorama pydantic pydantic_core annotated-types typing-inspection"
+          sacrebleu lxml portalocker tabulate colorama pydantic pydantic_core annotated-types typing-inspection
+          requests urllib3 idna certifi charset_normalizer"
 pins=()
 for p in $PACKAGES; do
   norm=$(echo "$p" | tr '_.' '--' | tr 'A-Z' 'a-z')
