@@ -37,7 +37,7 @@ class GDParams(GAParams):
     """Hyperparameters of gradient difference (defaults: built-in SmolLM2-135M)."""
 
     lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate (the paper: 5e-5)")
-    steps: int = Field(30, ge=1, le=100_000, description="optimizer steps (one forget and one retain batch each)")
+    steps: int = Field(30, ge=1, le=100_000, description="optimizer steps (grad_accum forget and retain batches each)")
     retain_weight: float = Field(
         1.0, gt=0, le=1e6, description="weight of the retain-corpus LM loss (the paper: 40-400 on Llama-3-8B)"
     )
