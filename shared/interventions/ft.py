@@ -9,6 +9,13 @@ The L-infinity bound on the weight change of the original constrained
 fine-tuning (Zhu et al., 2020) is available as ``max_weight_change`` (off by
 default, as in the paper's configuration).
 
+As in the reference (ROME/EasyEdit ``ft_main``): each edit's loss is the
+mean NLL over its own target tokens and the step minimizes the mean over
+edits (``loss_averaging="per_edit"``; ``per_token`` weighs long targets more),
+and training stops early -- an edit whose loss is below ``stop_loss`` (1e-2)
+gets no gradient, and once the mean loss is below it training ends
+(``stop_loss=0`` turns the rule off).
+
 Differences from the reference code, on purpose:
 
 * the prompt and target text come from :mod:`shared.evaluation.edit`, the same
@@ -17,7 +24,10 @@ Differences from the reference code, on purpose:
   twice);
 * prompt tokens *and* padding are masked out of the loss;
 * the LM head is applied only at the supervised positions (same loss, less
-  compute).
+  compute);
+* all edits of the batch share one optimizer step (the reference steps per
+  chunk of edits), so an edit below ``stop_loss`` is masked out of the step
+  instead of skipping it.
 
 The defaults are tuned for the built-in SmolLM2-135M (30 layers): a 135M model
 needs a much larger step size than the 8B model's lr 5e-5 x 25 steps.  Measured

@@ -13,6 +13,9 @@ documents x 256 tokens): lr 1e-5 -> forget 0.703, utility 0.744; lr 3e-5
 (default) -> forget 0.570, utility 0.714 -- the forget domain drops 16 points
 and general ability 5 with it, the known weakness of plain gradient ascent.
 
+As in the reference, gradients of ``grad_accum`` = 2 batches are accumulated
+into each optimizer step (effective batch 8 documents).
+
 Differences from the reference code, on purpose:
 
 * padding is masked out of the loss (the reference maximized the loss on pad

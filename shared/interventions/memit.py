@@ -49,8 +49,8 @@ Differences from the reference code, on purpose:
   generated prefixes average keys/targets over contexts that never occur here);
 * the KL term covers every position of the essence prompt from the subject's
   last token to its end (the reference used only the subject's last token, so
-  "is a" never constrained anything); the weight decay is the squared relative
-  norm;
+  "is a" never constrained anything); its direction is the reference's,
+  KL(edited ‖ original); the weight decay is the squared relative norm;
 * the target-optimization forward pass reuses a no-grad KV cache of the
   prompt text before the subject's last token (δ cannot change it), so one
   step costs a forward/backward over ~10 tokens per edit instead of ~50 --
