@@ -39,6 +39,9 @@ forget texts look alike at these depths); alpha 100 lets the forget
 activations turn to the control direction (cosine 0.85) while utility moves
 by less than a point.
 
+The optimizer is AdamW with the reference's eps 1e-6 and no weight decay
+(``adam_eps``, ``weight_decay``; see :func:`rmu_optimizer`).
+
 Differences from the reference code, on purpose: the MLP is trained (the
 reference trained the attention output projection by parameter index) and
 ``num_batches`` is honoured (the reference ignored its batch count).
@@ -168,9 +171,13 @@ def rmu_optimizer(parameters: list[torch.nn.Parameter], params: RMUParams) -> to
     """AdamW with the reference's settings (eps 1e-6, no weight decay) unless the spec says otherwise.
 
     torch's AdamW defaults (eps 1e-8, weight decay 0.01) are not what RMU was
-    published with; on the built-in model the defaults alone moved the first
-    update by 80-100 %: with the tiny gradients of the steered layers, eps
-    decides the step size of many coordinates.
+    published with.  On the built-in model with the default parameters the
+    difference is small: the update with torch's defaults differs from the
+    reference's by 3.1 % (relative norm) after the first batch and 0.8 % after
+    ten (``benchmarks/rmu_optimizer.py``); forget / utility accuracy after the
+    full run is unchanged (0.305 / 0.759).  The reference's values are the
+    default because they are the published method, not because they measure
+    better here.
     """
     return torch.optim.AdamW(parameters, lr=params.lr, eps=params.adam_eps, weight_decay=params.weight_decay)
 
