@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--num-edits", type=int, default=10, help="edits in the batch (editors; default 10)")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
-    ap.add_argument("--model-dir", default=str(Path.home() / ".cache" / "lm-compose" / "bench-smollm2-f32"))
+    ap.add_argument("--model-dir", default=None,
+                    help="float32 copy of the built-in model (default: a cache folder named by the GGUF and tokenizer version)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -124,6 +125,11 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.child, args.samples, args.seq_len, args.model_dir, args.num_edits, args.suite)),
               flush=True)
         return
+    if args.model_dir is None:
+        sys.path.insert(0, str(REPO))
+        from shared.models import source_identity
+
+        args.model_dir = str(Path.home() / ".cache" / "lm-compose" / f"bench-{source_identity('builtin:smollm2-135m')}")
     model_dir = ensure_model(Path(args.model_dir))
     rows = []
     columns = ["setting", "seconds", "peak_rss_gb", "perplexity", "sparsity", "avg_bits"]

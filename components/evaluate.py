@@ -24,6 +24,7 @@ def evaluate(
     limit: int = 0,
     max_length: int = 256,
     dtype: str = "bfloat16",
+    mcq_format: str = "cloze",
 ) -> NamedTuple("Outputs", [("results", str)]):
     """Load ``model`` once and compute every criterion of ``evaluators``; log them as Metrics.
 
@@ -41,6 +42,8 @@ def evaluate(
         limit: score only the first N questions of each set (quick runs); 0 = all.
         max_length: perplexity window in tokens.
         dtype: precision every model is evaluated in: float32 or bfloat16.
+        mcq_format: how local multiple-choice sets are scored: cloze (choice texts) or letters (A-D, lm-eval's
+            mmlu/wmdp format).
 
     Returns:
         results: JSON {"model_key", "criteria": {evaluator: {criterion: value}}}; the same results are
@@ -52,6 +55,6 @@ def evaluate(
 
     data = dict(edits=edits, num_edits=num_edits, edit_seed=edit_seed, edit_batch=edit_batch,
                 utility_mcq=utility_mcq, forget_mcq=forget_mcq, perplexity=perplexity)
-    options = dict(batch_size=batch_size, limit=limit, max_length=max_length, dtype=dtype)
+    options = dict(batch_size=batch_size, limit=limit, max_length=max_length, dtype=dtype, mcq_format=mcq_format)
     results = run_evaluation(model, evaluators, data, options, metrics)
     return namedtuple("Outputs", ["results"])(results)

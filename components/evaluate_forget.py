@@ -19,6 +19,7 @@ def evaluate_forget(
     limit: int = 0,
     max_length: int = 256,
     dtype: str = "bfloat16",
+    mcq_format: str = "cloze",
 ) -> NamedTuple("Outputs", [("results", str)]):
     """Evaluate ``model`` with the `forget` evaluator; log its criteria as Metrics.
 
@@ -29,6 +30,8 @@ def evaluate_forget(
         limit: score only the first N questions of each set (quick runs); 0 = all.
         max_length: perplexity window in tokens.
         dtype: precision the model is evaluated in: float32 or bfloat16.
+        mcq_format: how a local multiple-choice set is scored: cloze (choice texts) or letters (A-D, lm-eval's
+            mmlu/wmdp format).
 
     Returns:
         results: JSON {"model_key", "criteria": {"forget": {criterion: value}}} (also stored in the checkpoint store).
@@ -37,6 +40,6 @@ def evaluate_forget(
 
     from components.runtime import run_evaluation
 
-    options = dict(batch_size=batch_size, limit=limit, max_length=max_length, dtype=dtype)
+    options = dict(batch_size=batch_size, limit=limit, max_length=max_length, dtype=dtype, mcq_format=mcq_format)
     results = run_evaluation(model, ["forget"], dict(forget_mcq=forget_mcq), options, metrics)
     return namedtuple("Outputs", ["results"])(results)

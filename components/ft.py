@@ -26,6 +26,8 @@ def ft(
     weight_decay: float = 0.0,
     max_weight_change: Optional[float] = None,
     seed: int = 0,
+    stop_loss: float = 0.01,
+    loss_averaging: str = 'per_edit',
     edits: str = 'builtin',
     num_edits: int = 10,
     edit_seed: int = 0,
@@ -43,6 +45,12 @@ def ft(
         max_weight_change: optional ROME-style norm constraint: clamp every trained weight to within
             this absolute distance of its original value after each step
         seed: torch seed (training is deterministic given the seed)
+        stop_loss: the reference's stopping rule: an edit whose loss is below this gets no gradient
+            in a step, and training stops once the mean loss over edits is below it (0: never stop
+            early)
+        loss_averaging: per_edit (the reference): each edit's loss is the mean over its target
+            tokens, then the mean over edits; per_token: one mean over all target tokens (long
+            targets weigh more) (one of: per_edit, per_token)
         edits: zsRE-style edit records: 'builtin', a JSON-lines file or s3://bucket/key
         num_edits: edits per batch
         edit_seed: seed choosing which records form the batches
@@ -62,6 +70,8 @@ def ft(
         weight_decay=weight_decay,
         max_weight_change=max_weight_change,
         seed=seed,
+        stop_loss=stop_loss,
+        loss_averaging=loss_averaging,
     )
     data = dict(
         edits=edits,

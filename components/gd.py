@@ -25,6 +25,7 @@ def gd(
     lr: float = 0.0001,
     steps: int = 30,
     batch_size: int = 4,
+    grad_accum: int = 2,
     seq_len: int = 256,
     seed: int = 0,
     forget_loss_cap: Optional[float] = 6.0,
@@ -41,8 +42,10 @@ def gd(
         layers: decoder layers to train (0-based); null = the upper half, as in the paper
         train_final_norm: also train the final RMSNorm (the paper did)
         lr: Adam learning rate (the paper: 5e-5)
-        steps: optimizer steps (one forget and one retain batch each)
+        steps: optimizer steps (grad_accum forget and retain batches each)
         batch_size: forget documents per batch
+        grad_accum: batches whose gradients are accumulated into one optimizer step (the reference:
+            2); each step sees batch_size x grad_accum documents
         seq_len: tokens per document (longer ones are truncated)
         seed: seed of the document order
         forget_loss_cap: clamp each forget token's loss at this many nats before ascending it (null:
@@ -65,6 +68,7 @@ def gd(
         lr=lr,
         steps=steps,
         batch_size=batch_size,
+        grad_accum=grad_accum,
         seq_len=seq_len,
         seed=seed,
         forget_loss_cap=forget_loss_cap,

@@ -29,6 +29,8 @@ def rmu(
     seq_len: int = 256,
     mlp_modules: List[str] = ['down_proj'],
     seed: int = 0,
+    adam_eps: float = 1e-06,
+    weight_decay: float = 0.0,
     forget_corpus: str = 'builtin',
     retain_corpus: str = 'builtin',
     trust_remote_code: bool = False,
@@ -46,6 +48,8 @@ def rmu(
         seq_len: tokens per document (the paper truncated at 512)
         mlp_modules: which MLP projections of layers l-2..l are trained (WMDP: down_proj)
         seed: seed of the control vector and the document order
+        adam_eps: AdamW epsilon (the reference: 1e-6; torch's default is 1e-8)
+        weight_decay: AdamW weight decay (the reference: 0; torch's default is 0.01)
         forget_corpus: text to unlearn: 'builtin', a JSON-lines file or s3://bucket/key
         retain_corpus: text whose behaviour is kept: 'builtin', a JSON-lines file or s3://bucket/key
         trust_remote_code: allow model code from the checkpoint's repository (off by default).
@@ -66,6 +70,8 @@ def rmu(
         seq_len=seq_len,
         mlp_modules=mlp_modules,
         seed=seed,
+        adam_eps=adam_eps,
+        weight_decay=weight_decay,
     )
     data = dict(
         forget_corpus=forget_corpus,

@@ -41,7 +41,10 @@ from shared.spec import ExperimentSpec
 def evaluation_options(spec: ExperimentSpec) -> dict[str, Any]:
     """Options every evaluator task receives (they key cached results)."""
     ev = spec.evaluation
-    return {"batch_size": ev.batch_size, "limit": ev.limit, "max_length": ev.max_length, "dtype": ev.dtype}
+    options = {"batch_size": ev.batch_size, "limit": ev.limit, "max_length": ev.max_length, "dtype": ev.dtype}
+    if ev.mcq_format != "cloze":  # the default is left out, so results stored before the option keep their keys
+        options["mcq_format"] = ev.mcq_format
+    return options
 
 
 def pipeline_name(spec: ExperimentSpec, shard: Optional[tuple[int, int]] = None, aggregate_only: bool = False) -> str:

@@ -69,9 +69,12 @@ def prepare_base(store_uri: str, model_source: str, trust_remote_code: bool = Fa
     """Make sure the base model is in the store; return ``(base_digest, model_key)``.
 
     The built-in GGUF is dequantized once; later runs find the cached
-    safetensors through an alias keyed by the GGUF's own digest.
+    safetensors through an alias keyed by the GGUF's own digest.  The digest
+    covers the weights *and* the tokenizer (:func:`shared.models.base_content_digest`):
+    every checkpoint key descends from it, so a base whose tokenizer changed
+    (e.g. a corrected EOS) never reuses results computed with the old one.
     """
-    from shared.models import load_model, materialize_base, model_digest
+    from shared.models import base_content_digest, load_model, materialize_base
 
     store = open_store(store_uri)
     alias = _alias_key(model_source)
@@ -83,8 +86,8 @@ def prepare_base(store_uri: str, model_source: str, trust_remote_code: bool = Fa
             return digest, key
     with _temp_dir(store) as tmp:
         materialize_base(model_source, Path(tmp))
-        model, _ = load_model(Path(tmp), trust_remote_code=trust_remote_code)
-        digest = model_digest(model)
+        model, tokenizer = load_model(Path(tmp), trust_remote_code=trust_remote_code)
+        digest = base_content_digest(model, tokenizer)
         del model
         key = checkpoint_key(digest, [])
         store.put_checkpoint(key, Path(tmp), {"source": model_source, "model_digest": digest, "steps": [], "records": []})

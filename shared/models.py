@@ -103,13 +103,15 @@ def source_identity(source: str) -> str:
     """A cheap identity of the *source* (not its content) used to key the base-model cache.
 
     For the built-in GGUF it is the GGUF's sha256, so a new package version is a
-    new cache entry.
+    new cache entry; the tokenizer version is part of it too, so a corrected
+    tokenizer is a new entry (whose base digest differs: it covers the tokenizer).
     """
     parsed = parse_source(source)
     if parsed.kind == "builtin":
+        tok = f"tok{_TOKENIZER_CACHE_VERSION}"
         if parsed.name == "smollm2-135m":
-            return f"builtin-smollm2-135m-{file_sha256(gguf_path())[:16]}"
-        return f"builtin-tiny-random-v1-{file_sha256(gguf_path())[:16]}"
+            return f"builtin-smollm2-135m-{tok}-{file_sha256(gguf_path())[:16]}"
+        return f"builtin-tiny-random-v1-{tok}-{file_sha256(gguf_path())[:16]}"
     if parsed.kind == "hub":
         return "hub-" + hashlib.sha256(str(parsed).encode()).hexdigest()[:16]
     return "local-" + hashlib.sha256(parsed.name.encode()).hexdigest()[:16]
@@ -163,6 +165,48 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LMCOMPOSE_CACHE", Path.home() / ".cache" / "lm-compose"))
 
 
+#: bump when the cached built-in tokenizer's content changes
+_TOKENIZER_CACHE_VERSION = 2
+
+#: GGUF metadata field -> tokenizer attribute (the ``tokenizer.ggml.*_token_id`` keys of the GGUF spec)
+_GGUF_SPECIAL_TOKENS = {
+    "tokenizer.ggml.bos_token_id": "bos_token",
+    "tokenizer.ggml.eos_token_id": "eos_token",
+    "tokenizer.ggml.unknown_token_id": "unk_token",
+    "tokenizer.ggml.padding_token_id": "pad_token",
+}
+
+
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares, as ``{"eos_token": 2, ...}``.
+
+    transformers' GGUF tokenizer conversion (5.x) does not take them over for
+    SmolLM2: it reports ``<|im_start|>`` (id 1, the BOS) as EOS, while the
+    file's metadata -- and the model's own config -- say EOS is
+    ``<|im_end|>`` (id 2).  Reading the metadata directly (the ``gguf``
+    package transformers itself uses; memory-mapped, no tensor is read) gives
+    the ids the model was trained with.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    ids: dict[str, int] = {}
+    for key, attr in _GGUF_SPECIAL_TOKENS.items():
+        field = reader.fields.get(key)
+        if field is not None and field.data:
+            ids[attr] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def _apply_gguf_special_tokens(tokenizer: Any, ids: dict[str, int]) -> None:
+    """Set the tokenizer's special tokens to the ids the GGUF declares."""
+    for attr, token_id in ids.items():
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:
+            raise ModelSourceError(f"GGUF declares {attr} id {token_id}, which is not in the vocabulary")
+        setattr(tokenizer, attr, token)
+
+
 def _load_builtin_tokenizer():
     """SmolLM2's tokenizer from the GGUF, cached as tokenizer JSON files.
 
@@ -173,10 +217,12 @@ def _load_builtin_tokenizer():
     from transformers import AutoTokenizer
 
     path = gguf_path()
-    cached = _cache_dir() / f"smollm2-tokenizer-{file_sha256(path)[:16]}"
+    # v2: special tokens taken from the GGUF metadata (v1 caches hold EOS = <|im_start|>)
+    cached = _cache_dir() / f"smollm2-tokenizer-v{_TOKENIZER_CACHE_VERSION}-{file_sha256(path)[:16]}"
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _apply_gguf_special_tokens(tokenizer, gguf_special_token_ids(path))
     try:
         tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
         tokenizer.save_pretrained(str(tmp))
@@ -322,6 +368,24 @@ def save_model(model: Any, tokenizer: Any, dest: Path | str, max_shard_size: str
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(dest), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(dest))
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Digest of what a tokenizer does: its full serialized definition and its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps({k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}, sort_keys=True)
+    return hashlib.sha256((definition + "\n" + special).encode()).hexdigest()
+
+
+def base_content_digest(model: Any, tokenizer: Any) -> str:
+    """Identity of a base model: its weights and its tokenizer.
+
+    Results depend on both (padding, the separator between calibration
+    documents, the tokens the edit metric ignores), so the base checkpoint --
+    and through it every checkpoint key of a study -- is keyed by both.
+    """
+    return hashlib.sha256(f"{model_digest(model)}:{tokenizer_digest(tokenizer)}".encode()).hexdigest()
 
 
 def model_digest(model: Any) -> str:

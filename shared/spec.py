@@ -152,6 +152,12 @@ class EvaluationSpec(BaseModel):
         description="precision every model is evaluated in, whatever the dtype its last step left "
         "(the reference code let it vary); bfloat16 halves CPU evaluation time here with the same answers",
     )
+    mcq_format: Literal["cloze", "letters"] = Field(
+        "cloze",
+        description="how local multiple-choice sets are scored: cloze (each choice's text as the answer) or "
+        "letters (choices listed, the letters A-D scored: the format of lm-eval's mmlu/wmdp tasks, so local "
+        "and cluster numbers are comparable); lm-eval tasks always use their own format",
+    )
 
     @field_validator("evaluators")
     @classmethod

@@ -104,6 +104,56 @@ def test_token_f1_removes_pad_bos_and_space_tokens() -> None:
     assert token_f1([pad, space], [5, 6], ignore_ids={pad, space}) == 0.0
 
 
+#: (generated text, answer, F1 by the paper's definition: drop space-only tokens
+#: and pad/BOS/EOS, then clip the generation to the target's length, then set F1).
+#: Values worked out by hand from the SmolLM2 tokenization (noted per case).
+PAPER_F1_CASES = [
+    # [' ', ' Paris'] -> drop ' ' -> [' Paris'] vs [' Paris']   (clip-first gave 0.0)
+    ("  Paris", "Paris", 1.0),
+    # [' Alexander', '\n', 'Question'] -> '\n' is kept -> clip 2 -> {' Alexander', '\n'}
+    # vs {' Alexander', ' Fleming'}: P = R = 1/2                  (ignoring '\n' gave 2/3)
+    ("Alexander\nQuestion", "Alexander Fleming", 0.5),
+    # [' New', ' ', ' York', ' City'] -> drop ' ' -> all three    (clip-first gave 0.8)
+    ("New  York City", "New York City", 1.0),
+    # ['\n', ' Paris'] -> clip 1 -> {'\n'}: nothing in common
+    ("\n Paris", "Paris", 0.0),
+    # [' Paris', '\n'] -> clip 1 -> {' Paris'}
+    ("Paris\n", "Paris", 1.0),
+    # [' Paris', ',', ' France'] -> clip 1 -> {' Paris'}
+    ("Paris, France", "Paris", 1.0),
+    # sets: order does not matter
+    ("Shakespeare William", "William Shakespeare", 1.0),
+    # {' William'} vs {' William', ' Shakespeare'}: P = 1, R = 1/2 -> 2/3
+    ("William", "William Shakespeare", 2 / 3),
+    # [' par', 'is'] vs [' Paris']: nothing in common
+    ("paris", "Paris", 0.0),
+    # [' Rome', ' Rome'] -> clip 1 -> {' Rome'}
+    ("Rome Rome", "Rome", 1.0),
+]
+
+
+@pytest.mark.parametrize("generated, answer, expected", PAPER_F1_CASES)
+def test_token_f1_matches_the_papers_definition_on_hand_cases(tiny, generated: str, answer: str, expected: float) -> None:
+    _, tok = tiny
+    gen = tok(" " + generated, add_special_tokens=False)["input_ids"]
+    tgt = tok(edit_target(answer), add_special_tokens=False)["input_ids"]
+    ignore = ignored_token_ids(tok, set(gen) | set(tgt))
+    assert token_f1(gen, tgt, ignore) == pytest.approx(expected)
+
+
+def test_ignored_token_ids_keeps_newlines_and_drops_eos(tiny) -> None:
+    _, tok = tiny
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    double_space = tok("  ", add_special_tokens=False)["input_ids"]
+    ignore = ignored_token_ids(tok, set(newline) | set(double_space))
+    assert not set(newline) & ignore  # the paper ignores only space tokens
+    assert set(double_space) <= ignore
+    assert tok.eos_token_id in ignore and tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
+    # a generation that stopped (EOS) and was padded scores as its text
+    gen = tok(" Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, tok.pad_token_id]
+    assert token_f1(gen, tok(" Paris", add_special_tokens=False)["input_ids"], ignore | {tok.eos_token_id}) == 1.0
+
+
 def test_ignored_token_ids_finds_pad_bos_and_whitespace(tiny) -> None:
     _, tok = tiny
     space_ids = tok(" ", add_special_tokens=False)["input_ids"]
@@ -262,6 +312,44 @@ def test_task_config_uses_absolute_paths(tmp_path: Path, monkeypatch: pytest.Mon
     assert data_file.is_absolute() and data_file == tmp_path / "q.jsonl"
     assert cfg["output_type"] == "multiple_choice"
     assert cfg["doc_to_text"] == "Question: {{question}}\nAnswer:"
+
+
+def test_letter_format_renders_the_harness_mmlu_prompt(tmp_path: Path) -> None:
+    from lm_eval.tasks import TaskManager
+
+    from shared.evaluation.mcq import offline, write_task_yaml
+
+    path = write_mcq(tmp_path / "q.jsonl", arithmetic_questions(2))
+    write_task_yaml(path, "letters_t", tmp_path / "tasks", cache_dir=tmp_path / "cache", mcq_format="letters")
+    with offline():
+        manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+        task = manager.load_task_or_group(["letters_t"])["letters_t"]
+    doc = next(iter(task.test_docs()))
+    # lm-eval's MMLU template: the question, the listed choices, "Answer:"; the letters are scored
+    assert task.doc_to_text(doc) == (
+        f"{doc['question']}\nA. {doc['choices'][0]}\nB. {doc['choices'][1]}\n"
+        f"C. {doc['choices'][2]}\nD. {doc['choices'][3]}\nAnswer:"
+    )
+    assert task.doc_to_choice(doc) == ["A", "B", "C", "D"]
+    assert task.doc_to_target(doc) == doc["answer"]
+    with pytest.raises(ValueError, match="mcq_format"):
+        task_config(path, "t", mcq_format="letter")
+
+
+def test_letter_format_reaches_the_evaluator_and_keys_results_only_when_chosen(tiny, tmp_path: Path) -> None:
+    from pipelines.builder import evaluation_options
+    from shared.spec import ExperimentSpec
+
+    model, tok = tiny
+    path = write_mcq(tmp_path / "mcq.jsonl", arithmetic_questions(4))
+    res = evaluate_mcq(model, tok, path, "test_tiny_letters", batch_size=16, mcq_format="letters")
+    assert res["n"] == 4 and 0.0 <= res["acc"] <= 1.0
+    base = {"name": "x", "interventions": [{"method": "ft"}]}
+    assert "mcq_format" not in evaluation_options(ExperimentSpec.model_validate(base))
+    letters = ExperimentSpec.model_validate({**base, "evaluation": {"mcq_format": "letters"}})
+    assert evaluation_options(letters)["mcq_format"] == "letters"
+    with pytest.raises(Exception, match="mcq_format"):
+        ExperimentSpec.model_validate({**base, "evaluation": {"mcq_format": "letter"}})
 
 
 def test_evaluate_mcq_end_to_end_with_batch_size(tiny, tmp_path: Path) -> None:

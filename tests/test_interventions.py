@@ -18,7 +18,7 @@ import torch
 from shared.data import DataConfig, ExperimentData
 from shared.interventions import Category, available, get_intervention
 from shared.interventions._calibration import calibration_dataset, calibration_windows
-from shared.interventions.ft import build_edit_batch, target_loss
+from shared.interventions.ft import build_edit_batch, edit_losses, target_loss, training_objective
 from shared.compression_state import apply_masks, mask_layers
 from shared.interventions.wanda import measured_sparsity
 from shared.models import block_linear_weights, load_model
@@ -140,7 +140,8 @@ def test_ft_changes_only_chosen_down_proj_and_lowers_loss(tiny_dir: Path) -> Non
     with torch.no_grad():
         loss_after = float(target_loss(model, batch))
     assert loss_after < loss_before
-    assert record["final_loss"] == pytest.approx(loss_after, rel=1e-4)
+    with torch.no_grad():
+        assert record["final_loss"] == pytest.approx(float(target_loss(model, batch, "per_edit")), rel=1e-4)
     # no trace beyond the weights: grad flags restored, no grads kept
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
@@ -159,6 +160,48 @@ def test_ft_is_deterministic_and_respects_norm_constraint(tiny_dir: Path) -> Non
         assert float((w - original).abs().max()) <= 1e-3 + 1e-7
         weights.append(w.clone())
     assert torch.equal(weights[0], weights[1])
+
+
+def test_ft_loss_is_per_edit_then_over_edits() -> None:
+    # edit 0: three target tokens of loss 1; edit 1: one token of loss 4
+    token_losses = torch.tensor([1.0, 1.0, 1.0, 4.0])
+    rows = torch.tensor([0, 0, 0, 1])
+    assert edit_losses(token_losses, rows, 2).tolist() == [1.0, 4.0]
+    objective, mean, active = training_objective(token_losses, rows, 2, "per_edit", stop_loss=0.0)
+    assert mean == pytest.approx(2.5) and float(objective) == pytest.approx(2.5) and active == 2
+    # the per-token mean lets the long target weigh three times as much
+    _, token_mean, _ = training_objective(token_losses, rows, 2, "per_token", stop_loss=0.0)
+    assert token_mean == pytest.approx(7 / 4)
+
+
+def test_ft_edits_below_the_stop_loss_get_no_gradient() -> None:
+    token_losses = torch.tensor([0.001, 0.003, 3.0], requires_grad=True)
+    rows = torch.tensor([0, 0, 1])
+    objective, mean, active = training_objective(token_losses, rows, 2, "per_edit", stop_loss=1e-2)
+    assert active == 1 and float(objective.detach()) == pytest.approx(3.0) and mean == pytest.approx(1.501)
+    objective.backward()
+    assert token_losses.grad.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_ft_stops_once_the_mean_loss_is_below_stop_loss(tiny_dir: Path) -> None:
+    ft = get_intervention("ft")
+    data = ExperimentData(DataConfig(num_edits=2))
+    model, tok = load_model(tiny_dir)
+    before = _snapshot(model)
+    # every loss is below a huge threshold: the first step stops before any update
+    record = ft.apply(model, tok, ft.parse_params({"layers": [0], "steps": 5, "stop_loss": 1e6}), data)
+    assert record["stopped_early"] and record["steps_run"] == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a threshold part way down: training runs until the mean loss crosses it, then stops
+    model, tok = load_model(tiny_dir)
+    with torch.no_grad():
+        initial = float(target_loss(model, build_edit_batch(tok, data.edits), "per_edit"))
+    threshold = initial - 0.5  # the tiny random model's loss falls by ~1.4 nats in 60 steps
+    params = ft.parse_params({"layers": [0, 1, 2, 3], "steps": 60, "lr": 1e-2, "stop_loss": threshold})
+    record = ft.apply(model, tok, params, data)
+    assert record["stopped_early"] and 0 < record["steps_run"] < 60
+    assert record["final_loss"] < threshold < record["initial_loss"]
+    assert ft.parse_params({}).stop_loss == 1e-2 and ft.parse_params({}).loss_averaging == "per_edit"
 
 
 def test_ft_rejects_layer_out_of_range(tiny_dir: Path) -> None:

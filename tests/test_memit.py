@@ -23,6 +23,7 @@ from shared.interventions._memit_stats import (
     model_tensor_cache,
 )
 from shared.interventions.memit import (
+    essence_kl,
     MEMIT,
     _pad_id,
     _Row,
@@ -136,6 +137,22 @@ def test_cached_prefix_forward_matches_full_forward(tiny_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- the closed form
+
+
+def test_essence_kl_is_the_references_direction_on_a_hand_case() -> None:
+    # two positions over a 2-token vocabulary
+    edited = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+    original = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    kl = essence_kl(edited.log(), original.log())
+    # KL(edited || original) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.510826; identical rows -> 0
+    assert kl.tolist() == pytest.approx([0.5 * (torch.tensor(5 / 9).log() + torch.tensor(5.0).log()).item(), 0.0], abs=1e-6)
+    assert kl[0].item() == pytest.approx(0.510826, abs=1e-5)
+    # the other direction, KL(original || edited) = 0.9 ln 1.8 + 0.1 ln 0.2 = 0.368064, is not it
+    assert kl[0].item() != pytest.approx(0.368064, abs=1e-3)
+    # gradient flows into the edited distribution only (the original is a constant target)
+    logits = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    essence_kl(torch.log_softmax(logits, -1), original[:1].log()).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
 def test_memit_update_closed_form() -> None:

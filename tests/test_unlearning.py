@@ -11,7 +11,7 @@ import torch
 from shared.data import ExperimentData
 from shared.interventions import Category, get_intervention
 from shared.interventions._unlearning import lm_loss, text_batches
-from shared.interventions.rmu import control_vector, layer_output
+from shared.interventions.rmu import RMUParams, control_vector, layer_output, rmu_optimizer
 from shared.models import load_model
 from tests.conftest import utility_and_perplexity
 
@@ -86,6 +86,49 @@ def test_ga_raises_forget_loss_and_trains_only_the_upper_half(tiny_dir: Path) ->
                            for k in changed), changed
     assert "model.embed_tokens.weight" not in changed
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_rmu_optimizer_has_the_references_settings() -> None:
+    weight = torch.nn.Parameter(torch.zeros(3))
+    group = rmu_optimizer([weight], RMUParams()).param_groups[0]
+    assert isinstance(rmu_optimizer([weight], RMUParams()), torch.optim.AdamW)
+    assert group["eps"] == 1e-6 and group["weight_decay"] == 0.0 and group["lr"] == RMUParams().lr
+    custom = rmu_optimizer([weight], RMUParams(adam_eps=1e-8, weight_decay=0.01)).param_groups[0]
+    assert custom["eps"] == 1e-8 and custom["weight_decay"] == 0.01
+
+
+def test_ga_accumulates_gradients_over_grad_accum_batches(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.interventions.ga as ga_module
+
+    ga = get_intervention("ga")
+    assert ga.parse_params({}).grad_accum == 2  # the reference's setting
+    params = ga.parse_params({**GA_FAST, "steps": 1, "layers": [3], "train_final_norm": False})
+    seen: list[int] = []
+    real_loss = ga_module.lm_loss
+
+    def spy(model, batch, cap=None):
+        seen.append(id(batch))
+        return real_loss(model, batch, cap=cap)
+
+    monkeypatch.setattr(ga_module, "lm_loss", spy)
+    model, tok = load_model(tiny_dir)
+    reference, _ = load_model(tiny_dir)
+    ga.apply(model, tok, params, ExperimentData())
+    # forget[0] before, then two batches for the one step, then forget[0] after
+    assert len(seen) == 4 and seen[0] == seen[-1] and len(set(seen[1:3])) == 2
+
+    # the same step by hand: one Adam step on the mean of the two batches' ascent losses
+    batches = text_batches(tok, ExperimentData().texts("forget_corpus"), params.batch_size, params.seq_len, 2, params.seed)
+    trained = [p for n, p in reference.named_parameters() if n.startswith("model.layers.3.")]
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(trained, lr=params.lr)
+    ((-real_loss(reference, batches[0]) - real_loss(reference, batches[1])) / 2).backward()
+    optimizer.step()
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_gd_descends_the_retain_loss_while_ascending_the_forget_loss(tiny_dir: Path) -> None:

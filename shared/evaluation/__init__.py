@@ -11,7 +11,7 @@ branch on it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +29,9 @@ class EvalOptions(BaseModel):
     batch_size: int = Field(16, ge=1, description="batch size of generation / scoring")
     limit: int | None = Field(None, ge=1, description="score only the first N questions (quick runs)")
     max_length: int = Field(256, ge=2, description="perplexity window length in tokens")
+    mcq_format: Literal["cloze", "letters"] = Field(
+        "cloze", description="scoring format of local multiple-choice sets: choice texts (cloze) or letters A-D"
+    )
     compression: dict[str, Any] | None = Field(
         None, description="the checkpoint's compression record (method, bits, group_size...)"
     )
@@ -56,7 +59,7 @@ def _mcq(field: str, criterion: str) -> Evaluator:
             return {criterion: sum(accs) / len(accs)}
         res = evaluate_mcq(
             model, tokenizer, data.path(field), task_name=f"lmcompose_{field}",
-            batch_size=options.batch_size, limit=options.limit,
+            batch_size=options.batch_size, limit=options.limit, mcq_format=options.mcq_format,
         )
         return {criterion: res["acc"]}
 

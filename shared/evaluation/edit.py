@@ -83,17 +83,19 @@ def token_f1(
 ) -> float:
     """Token-level F1 of a generation against a target, on *sets* of token ids (the paper's metric).
 
-    The generation is first clipped to the target's length (the model is only
-    asked for as many tokens as the answer has; whatever it says afterwards is
-    not part of the answer).  Then the ``ignore_ids`` (pad, BOS, bare-space
-    tokens; see :func:`ignored_token_ids`) are removed from both, so padding of
-    a finished generation or a stray space never counts.  With ``G`` and ``T``
-    the remaining sets and ``C = G & T``: precision ``|C|/|G|``, recall
+    In the paper's order: first the ``ignore_ids`` (space-only tokens and the
+    pad/BOS/EOS ids; see :func:`ignored_token_ids`) are removed from the
+    generation and the target, *then* the generation is clipped to the
+    target's length (the model is only asked for as many tokens as the answer
+    has; whatever it says afterwards is not part of the answer).  So a stray
+    leading space does not use up the one-token budget of a one-token answer
+    (``'  Paris'`` against ``' Paris'`` scores 1.0).  With ``G`` and ``T`` the
+    remaining sets and ``C = G & T``: precision ``|C|/|G|``, recall
     ``|C|/|T|``, F1 ``2PR/(P+R)``; 0 when ``C`` is empty.
     """
     ignore = set(ignore_ids)
-    clipped = list(generated_ids)[: len(target_ids)]
-    gen = {int(t) for t in clipped} - ignore
+    kept = [int(t) for t in generated_ids if int(t) not in ignore]
+    gen = set(kept[: len(target_ids)])
     tgt = {int(t) for t in target_ids} - ignore
     common = gen & tgt
     if not common:
@@ -103,13 +105,19 @@ def token_f1(
     return 2 * precision * recall / (precision + recall)
 
 
-def ignored_token_ids(tokenizer: Any, candidates: Iterable[int] = ()) -> set[int]:
-    """Ids that :func:`token_f1` should drop: pad, BOS, EOS and bare-whitespace tokens.
+def _is_space_token(text: str) -> bool:
+    return text != "" and set(text) == {" "}
 
-    Whitespace tokens are found among ``candidates`` (the ids that actually
-    occur), which is much cheaper than decoding the whole vocabulary.  EOS is
-    included because a generation that stops early is padded with it on
-    tokenizers whose pad token is EOS.
+
+def ignored_token_ids(tokenizer: Any, candidates: Iterable[int] = ()) -> set[int]:
+    """Ids that :func:`token_f1` drops: space-only tokens, and pad, BOS and EOS.
+
+    As in the paper's code, only tokens made of spaces are ignored -- a newline
+    is not (a generation that runs on into ``"\nQuestion"`` is clipped, and
+    the newline counts against precision).  Pad, BOS and EOS are not text: a
+    generation that stopped early is padded (with EOS where the pad token is
+    EOS).  Space-only tokens are found among ``candidates`` (the ids that
+    actually occur), much cheaper than decoding the whole vocabulary.
     """
     ignore = {
         int(i)
@@ -117,7 +125,7 @@ def ignored_token_ids(tokenizer: Any, candidates: Iterable[int] = ()) -> set[int
         if i is not None
     }
     for tok in set(candidates) - ignore:
-        if tokenizer.decode([int(tok)]).strip() == "":
+        if _is_space_token(tokenizer.decode([int(tok)])):
             ignore.add(int(tok))
     return ignore
 

@@ -6,13 +6,17 @@ directory; the harness's own tasks (``mmlu``, ``wmdp_bio``, ...) are run by
 name in a cluster.  Going through the harness keeps the *mechanics* of scoring
 (log-likelihood of each choice's continuation, ``acc``) the harness's own.
 The *format* differs, and this is not the format published MMLU / WMDP
-numbers use: local sets are scored **cloze-style** -- the prompt is
-``Question: ...\nAnswer:`` and each candidate continuation is a choice's
-text -- while the harness's ``mmlu`` and ``wmdp_*`` tasks list the four
-choices in the prompt and score the letters ``A``-``D``.  So a local set and
-the same questions run as a harness task give different accuracies; compare
-numbers of one format only.  (A letter-format option for local sets is
-tracked with the fidelity issue.)
+numbers use: by default (``mcq_format="cloze"``) local sets are scored
+**cloze-style** -- the prompt is ``Question: ...\nAnswer:`` and each
+candidate continuation is a choice's text -- while the harness's ``mmlu`` and
+``wmdp_*`` tasks list the four choices in the prompt and score the letters
+``A``-``D``.  ``mcq_format="letters"`` scores a local set in that published
+format (the prompt of the harness's MMLU template: the question, the choices
+as ``A. ...`` to ``D. ...``, then ``Answer:``; the continuations `` A`` to
+`` D``), so local and cluster numbers are comparable.  The two formats give
+different accuracies -- on a small model, very different ones (letter
+scoring needs the model to map a letter to a listed choice, which models
+below ~1B parameters barely do) -- so compare numbers of one format only.
 
 Two harness gotchas handled here:
 
@@ -41,11 +45,23 @@ log = logging.getLogger(__name__)
 #: cloze prompt of a question (the answer text of each choice follows it)
 DOC_TO_TEXT = "Question: {{question}}\nAnswer:"
 
+#: letter format: lm-eval's MMLU prompt (choices listed, the letters A-D scored)
+LETTER_DOC_TO_TEXT = (
+    "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+)
+LETTERS = ["A", "B", "C", "D"]
+
+#: the scoring formats of local multiple-choice sets
+MCQ_FORMATS = ("cloze", "letters")
+
 _OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def task_config(path: Path, task_name: str, cache_dir: Path | None = None) -> dict[str, Any]:
-    """The lm-eval task config (as a dict) of a local 4-choice JSON-lines file."""
+def task_config(path: Path, task_name: str, cache_dir: Path | None = None, mcq_format: str = "cloze") -> dict[str, Any]:
+    """The lm-eval task config (as a dict) of a local 4-choice JSON-lines file, in ``mcq_format``."""
+    if mcq_format not in MCQ_FORMATS:
+        raise ValueError(f"mcq_format must be one of {', '.join(MCQ_FORMATS)} (got {mcq_format!r})")
+    letters = mcq_format == "letters"
     dataset_kwargs: dict[str, Any] = {"data_files": {"test": str(Path(path).resolve())}}
     if cache_dir is not None:
         dataset_kwargs["cache_dir"] = str(cache_dir)
@@ -55,8 +71,8 @@ def task_config(path: Path, task_name: str, cache_dir: Path | None = None) -> di
         "dataset_kwargs": dataset_kwargs,
         "test_split": "test",
         "output_type": "multiple_choice",
-        "doc_to_text": DOC_TO_TEXT,
-        "doc_to_choice": "{{choices}}",
+        "doc_to_text": LETTER_DOC_TO_TEXT if letters else DOC_TO_TEXT,
+        "doc_to_choice": list(LETTERS) if letters else "{{choices}}",
         "doc_to_target": "{{answer}}",
         "metric_list": [
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -66,13 +82,16 @@ def task_config(path: Path, task_name: str, cache_dir: Path | None = None) -> di
     }
 
 
-def write_task_yaml(path: Path, task_name: str, directory: Path, cache_dir: Path | None = None) -> Path:
+def write_task_yaml(
+    path: Path, task_name: str, directory: Path, cache_dir: Path | None = None, mcq_format: str = "cloze"
+) -> Path:
     """Write the task YAML for ``path`` into ``directory`` (an lm-eval include path)."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", task_name):
         raise ValueError(f"task name {task_name!r} must be letters, digits, '_', '-', '.'")
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / f"{task_name}.yaml"
-    out.write_text(yaml.safe_dump(task_config(path, task_name, cache_dir), sort_keys=False), encoding="utf-8")
+    config = task_config(path, task_name, cache_dir, mcq_format)
+    out.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return out
 
 
@@ -173,11 +192,14 @@ def evaluate_mcq(
     task_name: str,
     batch_size: int = 16,
     limit: int | None = None,
+    mcq_format: str = "cloze",
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on a local 4-choice JSON-lines file, scored by lm-eval.
 
     ``task_name`` names the generated task (e.g. ``utility_mcq``); ``limit``
-    scores only the first questions.  Runs offline: nothing is downloaded.
+    scores only the first questions; ``mcq_format`` is ``cloze`` (choice
+    texts) or ``letters`` (the harness's MMLU format, see the module
+    docstring).  Runs offline: nothing is downloaded.
     Returns ``{"acc", "acc_norm", "n", "batch_size"}`` -- the last is the batch
     size the harness wrapper actually holds, reported so that a run can show it
     did not fall back to 1.
@@ -190,7 +212,7 @@ def evaluate_mcq(
     with _keep_training_mode(model), tempfile.TemporaryDirectory(prefix="lmcompose-mcq-") as tmp:
         lm = make_lm(model, tokenizer, batch_size)
         tasks_dir = Path(tmp) / "tasks"
-        write_task_yaml(path, task_name, tasks_dir, cache_dir=Path(tmp) / "datasets-cache")
+        write_task_yaml(path, task_name, tasks_dir, cache_dir=Path(tmp) / "datasets-cache", mcq_format=mcq_format)
         with offline():
             # include_defaults=False: indexing the ~15k built-in task YAMLs costs ~8 s
             manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)

@@ -9,8 +9,9 @@ stages:
 1. **Target values.**  For every edit a vector ``δᵢ`` is added to the MLP
    output of the *last* edited layer ``L`` at the subject's last token and
    optimized with Adam so that the model produces the new answer: loss = NLL
-   of the target tokens + ``kl_factor`` x KL(original ‖ edited) of the
-   next-token distributions on an essence prompt ("{subject} is a") +
+   of the target tokens + ``kl_factor`` x KL(edited ‖ original) of the
+   next-token distributions on an essence prompt ("{subject} is a"; the
+   reference's direction, :func:`essence_kl`) +
    ``v_weight_decay`` x ‖δᵢ‖²/‖hᵢ‖²; after every step ‖δᵢ‖ is clamped to
    ``clamp_norm_factor`` x ‖hᵢ‖, where ``hᵢ`` is the original residual
    stream (output of layer ``L``) at that position.  The target is
@@ -48,8 +49,8 @@ Differences from the reference code, on purpose:
   generated prefixes average keys/targets over contexts that never occur here);
 * the KL term covers every position of the essence prompt from the subject's
   last token to its end (the reference used only the subject's last token, so
-  "is a" never constrained anything); the weight decay is the squared relative
-  norm;
+  "is a" never constrained anything); its direction is the reference's,
+  KL(edited ‖ original); the weight decay is the squared relative norm;
 * the target-optimization forward pass reuses a no-grad KV cache of the
   prompt text before the subject's last token (δ cannot change it), so one
   step costs a forward/backward over ~10 tokens per edit instead of ~50 --
@@ -194,6 +195,18 @@ class EditSite:
     kl_ids: list[int]
     kl_lookup: int
     subject_found: bool
+
+
+def essence_kl(edited_logp: torch.Tensor, original_logp: torch.Tensor) -> torch.Tensor:
+    """KL(edited ‖ original) of next-token distributions, per position (last dim = vocabulary).
+
+    ``Σ_v p_edited(v) (log p_edited(v) − log p_original(v))`` -- the direction
+    of the reference ``compute_z`` (``kl_div(original, edited,
+    log_target=True)``): the edited model is penalized for putting mass where
+    the original had little, i.e. for inventing new continuations of the
+    essence prompt.  Both arguments are log-probabilities.
+    """
+    return torch.nn.functional.kl_div(original_logp, edited_logp, log_target=True, reduction="none").sum(-1)
 
 
 def edit_sites(tokenizer: Any, edits: list[Any], kl_template: str) -> list[EditSite]:
@@ -421,7 +434,7 @@ def optimize_targets(model: Any, tokenizer: Any, sites: list[EditSite], layer: i
             kl_logp = logp[n_loss:]
             if kl_init is None:
                 kl_init = kl_logp.detach()
-            kl_pos = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)
+            kl_pos = essence_kl(kl_logp, kl_init)
             kl_term = torch.zeros(n, device=device).index_add(0, kl_edit_t, kl_pos) / kl_count
             decay = (delta.norm(dim=-1) / h_norm) ** 2
             loss = nll + params.kl_factor * kl_term + params.v_weight_decay * decay

@@ -39,6 +39,9 @@ forget texts look alike at these depths); alpha 100 lets the forget
 activations turn to the control direction (cosine 0.85) while utility moves
 by less than a point.
 
+The optimizer is AdamW with the reference's eps 1e-6 and no weight decay
+(``adam_eps``, ``weight_decay``; see :func:`rmu_optimizer`).
+
 Differences from the reference code, on purpose: the MLP is trained (the
 reference trained the attention output projection by parameter index) and
 ``num_batches`` is honoured (the reference ignored its batch count).
@@ -78,6 +81,8 @@ class RMUParams(InterventionParams):
         description="which MLP projections of layers l-2..l are trained (WMDP: down_proj)",
     )
     seed: int = Field(0, description="seed of the control vector and the document order")
+    adam_eps: float = Field(1e-6, gt=0, le=1.0, description="AdamW epsilon (the reference: 1e-6; torch's default is 1e-8)")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay (the reference: 0; torch's default is 0.01)")
 
     @field_validator("mlp_modules")
     @classmethod
@@ -162,6 +167,21 @@ def _content_mask(batch: dict[str, torch.Tensor], tokenizer: Any) -> torch.Tenso
     return mask
 
 
+def rmu_optimizer(parameters: list[torch.nn.Parameter], params: RMUParams) -> torch.optim.Optimizer:
+    """AdamW with the reference's settings (eps 1e-6, no weight decay) unless the spec says otherwise.
+
+    torch's AdamW defaults (eps 1e-8, weight decay 0.01) are not what RMU was
+    published with.  On the built-in model with the default parameters the
+    difference is small: the update with torch's defaults differs from the
+    reference's by 3.1 % (relative norm) after the first batch and 0.8 % after
+    ten (``benchmarks/rmu_optimizer.py``); forget / utility accuracy after the
+    full run is unchanged (0.305 / 0.759).  The reference's values are the
+    default because they are the published method, not because they measure
+    better here.
+    """
+    return torch.optim.AdamW(parameters, lr=params.lr, eps=params.adam_eps, weight_decay=params.weight_decay)
+
+
 @register
 class RMU(Intervention):
     """Unlearn by steering forget-text activations at one layer toward a random direction."""
@@ -191,7 +211,7 @@ class RMU(Intervention):
         start = time.perf_counter()
         with only_trainable(model, trained):
             align_before = forget_alignment(model, params.layer, probe, u)
-            optimizer = torch.optim.AdamW(list(trained.values()), lr=params.lr)
+            optimizer = rmu_optimizer(list(trained.values()), params)
             first: tuple[float, float] | None = None
             last = (0.0, 0.0)
             for step in range(params.num_batches):
