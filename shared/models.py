@@ -330,8 +330,8 @@ def step_dtype() -> torch.dtype:
     """The precision of intervention steps and of stored local/hub base models (``$LMCOMPOSE_STEP_DTYPE``,
     default float32).
 
-    Not part of a checkpoint's key (a base model's digest follows its stored content): one store
-    should be written with one setting.
+    Part of every non-base checkpoint key when not float32 (:func:`shared.store.checkpoint_key`); a base
+    model's digest follows its stored content.
     """
     name = os.environ.get(STEP_DTYPE_ENV, "").strip() or "float32"
     if name not in _DTYPES:

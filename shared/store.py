@@ -68,8 +68,20 @@ def digest_of(obj: Any) -> str:
 
 
 def checkpoint_key(base_digest: str, steps: list[dict[str, Any]]) -> str:
-    """Key of the model obtained by applying ``steps`` (keyed form) to the base model."""
-    return "ckpt/" + digest_of({"base": base_digest, "steps": steps})[:40]
+    """Key of the model obtained by applying ``steps`` (keyed form) to the base model.
+
+    A step precision other than the default float32 (``$LMCOMPOSE_STEP_DTYPE``,
+    see :func:`shared.models.step_dtype`) is part of the key: the same steps
+    in bfloat16 give different weights, and a store must never serve one for
+    the other.  Every process of a study (steps, evaluations, aggregation)
+    must therefore see the same setting; a mismatch finds nothing rather than
+    the wrong model.
+    """
+    payload: dict[str, Any] = {"base": base_digest, "steps": steps}
+    step_dtype = os.environ.get("LMCOMPOSE_STEP_DTYPE", "").strip() or "float32"
+    if steps and step_dtype != "float32":
+        payload["step_dtype"] = step_dtype
+    return "ckpt/" + digest_of(payload)[:40]
 
 
 def result_key(model_key: str, evaluator: str, config: dict[str, Any]) -> str:

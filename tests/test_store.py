@@ -41,6 +41,19 @@ def test_keys_are_content_addressed_and_order_sensitive():
     assert result_key("k", "edit", {"o": 1}) != result_key("k", "edit", {"o": 2})
 
 
+def test_a_non_default_step_precision_is_part_of_step_keys(monkeypatch):
+    a = {"method": "ft", "params": {"lr": 1e-4}}
+    monkeypatch.delenv("LMCOMPOSE_STEP_DTYPE", raising=False)
+    default = checkpoint_key("d1", [a])
+    monkeypatch.setenv("LMCOMPOSE_STEP_DTYPE", "float32")
+    assert checkpoint_key("d1", [a]) == default  # the default keeps today's keys
+    monkeypatch.setenv("LMCOMPOSE_STEP_DTYPE", "bfloat16")
+    assert checkpoint_key("d1", [a]) != default  # bfloat16 steps never stand in for float32 ones
+    assert checkpoint_key("d1", []) == checkpoint_key("d1", [])  # the base key follows its content only
+    monkeypatch.delenv("LMCOMPOSE_STEP_DTYPE")
+    assert checkpoint_key("d1", [a]) == default
+
+
 def test_round_trip_with_manifest(tmp_path):
     store = LocalStore(tmp_path / "store")
     src = _folder(tmp_path)
