@@ -102,6 +102,22 @@ def test_group_size_is_checked_before_calibration(tiny_dir: Path) -> None:
         gptq.apply(model, tok, gptq.parse_params({"group_size": 48, **TINY_CALIB}), DATA)
 
 
+def test_an_llmcompressor_failure_is_reported_as_itself(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing oneshot that leaves a hook behind ends with oneshot's error, not the cleanup check's."""
+    import llmcompressor
+
+    def failing_oneshot(model, **_kwargs):
+        model.model.layers[0].register_forward_hook(lambda *a: None)  # what an interrupted run leaves
+        raise ValueError("oneshot rejected the recipe")
+
+    monkeypatch.setattr(llmcompressor, "oneshot", failing_oneshot)
+    model, tok = load_model(tiny_dir)
+    gptq = get_intervention("gptq")
+    with pytest.raises(ValueError, match="oneshot rejected the recipe"):
+        gptq.apply(model, tok, gptq.parse_params({"bits": 4, "group_size": 32, "num_calibration_samples": 2,
+                                                  "calibration_seq_len": 32}), ExperimentData())
+
+
 def test_pin_memory_workaround_is_scoped_to_cpu_only_calls() -> None:
     from llmcompressor.pipelines.cache import IntermediatesCache
 

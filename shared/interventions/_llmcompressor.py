@@ -152,6 +152,7 @@ def run_oneshot(model: Any, tokenizer: Any, recipe: Any, params: CalibratedParam
     hooks_before = _hook_count(model)
     model.eval()
     start = time.perf_counter()
+    failed = True
     try:
         with _loadable_config_path(model), _no_pinned_memory_without_accelerator():
             oneshot(
@@ -164,8 +165,15 @@ def run_oneshot(model: Any, tokenizer: Any, recipe: Any, params: CalibratedParam
                 shuffle_calibration_samples=False,
                 batch_size=1,
             )
+        failed = False
     finally:
-        _restore_plain_model(model, hooks_before)
+        try:
+            _restore_plain_model(model, hooks_before)
+        except Exception as cleanup_error:
+            if not failed:
+                raise
+            # the step fails with llm-compressor's own error; a cleanup problem after it would hide it
+            log.warning("cleanup after the failed llm-compressor run: %s", cleanup_error)
         model.train(was_training)
     return {
         "num_calibration_samples": len(dataset),
