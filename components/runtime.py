@@ -70,8 +70,6 @@ def run_evaluation(model: Any, evaluators: list[str], data: dict[str, Any], opti
     _logging()
     options = dict(options)
     options["limit"] = options.get("limit") or None  # 0 = all (kfp.local 2.17 cannot pass None to an int input)
-    if options.get("mcq_format") == "cloze":  # the default is not part of result keys (see pipelines.builder)
-        del options["mcq_format"]
     ref = read_model(model)
     results = evaluate_model(ref, list(evaluators), data, options)
     for criteria in results.values():

@@ -42,7 +42,7 @@ def evaluation_options(spec: ExperimentSpec) -> dict[str, Any]:
     """Options every evaluator task receives (they key cached results)."""
     ev = spec.evaluation
     options = {"batch_size": ev.batch_size, "limit": ev.limit, "max_length": ev.max_length, "dtype": ev.dtype}
-    if ev.mcq_format != "cloze":  # the default is left out, so results stored before the option keep their keys
+    if ev.mcq_format != "cloze":  # the default is left out of compiled arguments (result keys: shared.execution)
         options["mcq_format"] = ev.mcq_format
     return options
 

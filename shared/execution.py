@@ -275,13 +275,19 @@ def _write_state(dest: Path, parent_folder: Path, parent_compression: dict[str, 
         save_state(dest, tensors, grid)
 
 
+#: evaluation options that are part of a result's key only when they differ from these defaults
+OPTIONS_KEYED_ONLY_OFF_DEFAULT: dict[str, Any] = {"mcq_format": "cloze"}
+
+
 def evaluation_config(evaluator: str, data: ExperimentData, options: dict[str, Any]) -> dict[str, Any]:
     """What an evaluation result is keyed by besides the model: its options and its data's digests."""
     from shared.evaluation import EVALUATOR_DATA
 
     if evaluator not in EVALUATOR_DATA:
         raise KeyError(f"unknown evaluator {evaluator!r}; allowed: {', '.join(EVALUATOR_DATA)}")
-    return {"options": options, "data": {name: data.digest(name) for name in EVALUATOR_DATA[evaluator]}}
+    # options added after results were stored are left out at their default, so those results keep their keys
+    keyed = {k: v for k, v in options.items() if OPTIONS_KEYED_ONLY_OFF_DEFAULT.get(k, object()) != v}
+    return {"options": keyed, "data": {name: data.digest(name) for name in EVALUATOR_DATA[evaluator]}}
 
 
 def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):

@@ -448,3 +448,13 @@ def test_metrics_of_a_nested_group_count_all_leaf_tasks() -> None:
                       "c": {"original": 7, "effective": 2}},
     }
     assert _metrics(results, "mmlu") == {"acc": 0.5, "n": 8}
+
+
+def test_default_mcq_format_is_not_part_of_result_keys() -> None:
+    from shared.data import ExperimentData
+    from shared.execution import evaluation_config
+
+    data = ExperimentData()
+    plain = evaluation_config("utility", data, {"batch_size": 16})
+    assert evaluation_config("utility", data, {"batch_size": 16, "mcq_format": "cloze"}) == plain
+    assert evaluation_config("utility", data, {"batch_size": 16, "mcq_format": "letters"}) != plain
