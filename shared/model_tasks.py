@@ -191,8 +191,12 @@ def evaluate_model(
     keys = {e: result_key(model.key, e, evaluation_config(e, data, options)) for e in dict.fromkeys(evaluators)}
     out: dict[str, dict[str, float]] = {}
     todo = []
+
+    def complete(evaluator: str) -> bool:
+        return result_is_complete(store, keys[evaluator], evaluator)
+
     for evaluator, rkey in keys.items():
-        if store.has_json(rkey):
+        if complete(evaluator):
             out[evaluator] = store.get_json(rkey)["criteria"]
             log.info("evaluation %s of %s already in store", evaluator, model.key)
         else:
@@ -203,13 +207,26 @@ def evaluate_model(
         _check_data_readable(data, sorted({n for e in todo for n in EVALUATOR_DATA[e]}))
 
         def compute() -> None:
-            _evaluate_missing(store, model, [e for e in todo if not store.has_json(keys[e])], keys, data, options,
+            _evaluate_missing(store, model, [e for e in todo if not complete(e)], keys, data, options,
                               dtype_name, eval_options, out)
 
-        compute_once(store, keys[todo[0]], lambda: all(store.has_json(keys[e]) for e in todo), compute)
+        compute_once(store, keys[todo[0]], lambda: all(complete(e) for e in todo), compute)
         for evaluator in todo:  # computed here or by a concurrent runner
             out.setdefault(evaluator, store.get_json(keys[evaluator])["criteria"])
     return {e: out[e] for e in keys}
+
+
+def result_is_complete(store: Any, key: str, evaluator: str) -> bool:
+    """A stored evaluation result usable as is: present, and with per-item scores where the evaluator gives them.
+
+    Results stored before per-item scores were kept have the same key; they
+    are computed again once, so that every figure of a report gets an interval.
+    """
+    from shared.evaluation import EVALUATORS_WITH_ITEMS
+
+    if not store.has_json(key):
+        return False
+    return evaluator not in EVALUATORS_WITH_ITEMS or bool(store.get_json(key).get("items"))
 
 
 def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[str, str], data: ExperimentData,
@@ -219,6 +236,7 @@ def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[s
     import torch
 
     from shared.evaluation import EvalOptions, get_evaluator
+    from shared.item_scores import check_consistent, item_scores_of, items_to_json
     from shared.models import default_threads, load_model
 
     if todo:
@@ -231,10 +249,14 @@ def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[s
         opts = EvalOptions.model_validate({**eval_options, "compression": manifest["meta"].get("compression")})
         for evaluator in todo:
             started = time.time()
-            criteria = {k: float(v) for k, v in get_evaluator(evaluator)(loaded, tokenizer, data, opts).items()}
-            store.put_json(
-                keys[evaluator],
-                {"model_key": model.key, "evaluator": evaluator, "criteria": criteria, "seconds": time.time() - started},
-            )
+            scores = get_evaluator(evaluator)(loaded, tokenizer, data, opts)
+            criteria = {k: float(v) for k, v in scores.items()}
+            items = item_scores_of(scores)
+            check_consistent(criteria, items)
+            document = {"model_key": model.key, "evaluator": evaluator, "criteria": criteria,
+                        "seconds": time.time() - started}
+            if items:
+                document["items"] = items_to_json(items)
+            store.put_json(keys[evaluator], document)
             log.info("evaluated %s with %s: %s", model.key, evaluator, criteria)
             out[evaluator] = criteria

@@ -16,6 +16,7 @@ import torch
 from shared.data import EditRecord
 from shared.evaluation import (
     EVALUATORS,
+    EVALUATORS_WITH_ITEMS,
     EvalOptions,
     available_evaluators,
     get_evaluator,
@@ -31,7 +32,8 @@ from shared.evaluation.edit import (
     token_f1,
 )
 from shared.evaluation.mcq import evaluate_mcq, task_config
-from shared.evaluation.perplexity import perplexity
+from shared.evaluation.perplexity import document_nll, perplexity
+from shared.item_scores import item_scores_of
 from shared.models import load_model
 
 # --------------------------------------------------------------------------- fixtures
@@ -301,6 +303,22 @@ def test_perplexity_windows_long_texts(tiny) -> None:
     assert perplexity(model, tok, [text], max_length=5, batch_size=4) == pytest.approx(expected, rel=1e-4)
 
 
+def test_document_nll_gives_one_item_per_text_with_its_windows_together(tiny) -> None:
+    """The bootstrap resamples documents: a long text's windows stay one item."""
+    model, tok = tiny
+    long = "one two three four five six seven eight nine ten eleven twelve thirteen"
+    short = "The cat sat on the mat."
+    nll, tokens = document_nll(model, tok, [long, short], max_length=5, batch_size=4)
+    assert len(nll) == len(tokens) == 2
+    long_ids, short_ids = tok(long)["input_ids"], tok(short)["input_ids"]
+    long_windows = [w for w in (long_ids[i : i + 5] for i in range(0, len(long_ids), 5)) if len(w) > 1]
+    short_windows = [w for w in (short_ids[i : i + 5] for i in range(0, len(short_ids), 5)) if len(w) > 1]
+    assert tokens == [sum(len(w) - 1 for w in long_windows), sum(len(w) - 1 for w in short_windows)]
+    assert math.exp(nll[0] / tokens[0]) == pytest.approx(_manual_ppl(model, long_windows), rel=1e-4)
+    assert math.exp(sum(nll) / sum(tokens)) == pytest.approx(
+        perplexity(model, tok, [long, short], max_length=5, batch_size=4), rel=1e-9)
+
+
 # --------------------------------------------------------------------------- MCQ through lm-eval
 
 
@@ -368,6 +386,8 @@ def test_evaluate_mcq_end_to_end_with_batch_size(tiny, tmp_path: Path) -> None:
         handle.remove()
     assert res["n"] == 8
     assert 0.0 <= res["acc"] <= 1.0 and 0.0 <= res["acc_norm"] <= 1.0
+    assert len(res["item_acc"]) == 8 and set(res["item_acc"]) <= {0.0, 1.0}
+    assert sum(res["item_acc"]) / 8 == pytest.approx(res["acc"])
     assert res["batch_size"] == 16  # held by the HFLM wrapper
     # 8 questions x 4 choices = 32 requests -> two forward passes of 16, not 32 of 1
     assert max(shapes) == 16 and len(shapes) == 2
@@ -409,6 +429,12 @@ def test_registry_criteria_match_shared_criteria(tiny, tmp_path: Path) -> None:
         out = fn(model, tok, data, opts)
         assert set(out) == expected, name
         assert all(isinstance(v, float) for v in out.values())
+        items = item_scores_of(out)
+        # every evaluator that reads data keeps its per-item scores, and they reproduce its values
+        assert set(items) == (expected if name in EVALUATORS_WITH_ITEMS else set()), name
+        for criterion, scores in items.items():
+            assert scores.value() == pytest.approx(out[criterion], rel=1e-9), (name, criterion)
+    assert EVALUATORS_WITH_ITEMS == {"edit", "utility", "forget", "perplexity"}
 
 
 # --------------------------------------------------------------------------- real model
@@ -446,8 +472,13 @@ def test_metrics_of_a_nested_group_count_all_leaf_tasks() -> None:
         "group_subtasks": {"mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": ["a", "b"], "mmlu_other": ["c"]},
         "n-samples": {"a": {"original": 10, "effective": 3}, "b": {"original": 5, "effective": 3},
                       "c": {"original": 7, "effective": 2}},
+        # per-question samples, deliberately out of document order
+        "samples": {"a": [{"doc_id": 2, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}, {"doc_id": 1, "acc": 1.0}],
+                    "b": [{"doc_id": 0, "acc": 0.0}, {"doc_id": 1, "acc": 0.0}, {"doc_id": 2, "acc": 1.0}],
+                    "c": [{"doc_id": 1, "acc": 1.0}, {"doc_id": 0, "acc": 0.0}]},
     }
-    assert _metrics(results, "mmlu") == {"acc": 0.5, "n": 8}
+    # leaves in name order (mmlu_other's c before mmlu_stem's a, b), each in document order
+    assert _metrics(results, "mmlu") == {"acc": 0.5, "n": 8, "item_acc": [0, 1, 0, 1, 1, 0, 0, 1]}
 
 
 def test_default_mcq_format_is_not_part_of_result_keys() -> None:

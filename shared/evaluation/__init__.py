@@ -1,7 +1,9 @@
 """Evaluators: each maps a model (in memory) and the experiment's data to criteria.
 
 An evaluator is a callable ``(model, tokenizer, data, options) -> {criterion: value}``
-registered under a name; the criteria it returns are those of
+registered under a name (the dict may be a :class:`shared.item_scores.Scores`
+carrying each criterion's per-item scores, which the evaluation task stores
+for the bootstrap); the criteria it returns are those of
 :mod:`shared.criteria` whose ``evaluator`` field is that name.  Adding an
 evaluator means adding one entry to :data:`EVALUATORS` (or calling
 :func:`register_evaluator`) -- callers look evaluators up by name and never
@@ -19,7 +21,8 @@ from shared.data import ExperimentData
 from shared.evaluation.compression import measure_compression
 from shared.evaluation.edit import edit_prompt, edit_target, encode_edit_example, evaluate_edits, token_f1
 from shared.evaluation.mcq import evaluate_harness_task, evaluate_mcq
-from shared.evaluation.perplexity import perplexity
+from shared.evaluation.perplexity import document_nll, perplexity
+from shared.item_scores import ItemScores, Scores
 
 
 class EvalOptions(BaseModel):
@@ -52,16 +55,19 @@ def _mcq(field: str, criterion: str) -> Evaluator:
         if tasks is not None:
             # the harness's own tasks (cluster): the mean of their accuracies, as the paper
             # averaged WMDP bio and cyber
-            accs = [
-                evaluate_harness_task(model, tokenizer, task, batch_size=options.batch_size, limit=options.limit)["acc"]
+            runs = [
+                evaluate_harness_task(model, tokenizer, task, batch_size=options.batch_size, limit=options.limit)
                 for task in tasks
             ]
-            return {criterion: sum(accs) / len(accs)}
+            values = [v for res in runs for v in res["item_acc"]]
+            strata = [t for t, res in enumerate(runs) for _ in res["item_acc"]]
+            # one stratum per task: the criterion stays the mean of the task accuracies
+            return Scores.from_items({criterion: ItemScores.of(values, strata=strata if len(runs) > 1 else None)})
         res = evaluate_mcq(
             model, tokenizer, data.path(field), task_name=f"lmcompose_{field}",
             batch_size=options.batch_size, limit=options.limit, mcq_format=options.mcq_format,
         )
-        return {criterion: res["acc"]}
+        return Scores.from_items({criterion: ItemScores.of(res["item_acc"])})
 
     run.__name__ = f"evaluate_{field}"
     run.__doc__ = f"{criterion}: lm-eval accuracy on the {field} file (or the mean over the lm-eval tasks it names)."
@@ -70,11 +76,9 @@ def _mcq(field: str, criterion: str) -> Evaluator:
 
 def _perplexity(model: Any, tokenizer: Any, data: ExperimentData, options: EvalOptions) -> dict[str, float]:
     texts = data.texts("perplexity")
-    return {
-        "perplexity": perplexity(
-            model, tokenizer, texts, max_length=options.max_length, batch_size=options.batch_size
-        )
-    }
+    nll, tokens = document_nll(model, tokenizer, texts, max_length=options.max_length, batch_size=options.batch_size)
+    # per document: summed NLL over its tokens; exp(sum / sum) is the token-weighted perplexity
+    return Scores.from_items({"perplexity": ItemScores.of(nll, weights=tokens, transform="exp")})
 
 
 def _compression(model: Any, tokenizer: Any, data: ExperimentData, options: EvalOptions) -> dict[str, float]:
@@ -101,12 +105,23 @@ EVALUATOR_DATA: dict[str, tuple[str, ...]] = {
 }
 
 
-def register_evaluator(name: str, fn: Evaluator, data_inputs: tuple[str, ...] = ()) -> Evaluator:
-    """Add an evaluator under ``name`` (refuses to silently replace another one)."""
+#: evaluators that return per-item scores (:class:`shared.item_scores.Scores`); a stored result
+#: of one of these without them is incomplete and is computed again (the bootstrap needs them)
+EVALUATORS_WITH_ITEMS: set[str] = {"edit", "utility", "forget", "perplexity"}
+
+
+def register_evaluator(name: str, fn: Evaluator, data_inputs: tuple[str, ...] = (), with_items: bool = False) -> Evaluator:
+    """Add an evaluator under ``name`` (refuses to silently replace another one).
+
+    ``with_items``: the evaluator returns per-item scores (a
+    :class:`shared.item_scores.Scores`), so its results get intervals.
+    """
     if name in EVALUATORS and EVALUATORS[name] is not fn:
         raise ValueError(f"evaluator {name!r} is already registered")
     EVALUATORS[name] = fn
     EVALUATOR_DATA[name] = tuple(data_inputs)
+    if with_items:
+        EVALUATORS_WITH_ITEMS.add(name)
     return fn
 
 
@@ -140,6 +155,7 @@ def run_evaluator(
 __all__ = [
     "EVALUATORS",
     "EVALUATOR_DATA",
+    "EVALUATORS_WITH_ITEMS",
     "EvalOptions",
     "Evaluator",
     "available_evaluators",

@@ -29,6 +29,7 @@ import torch
 from shared.evaluation._batching import pad_batch
 
 from shared.data import EditRecord
+from shared.item_scores import ItemScores, Scores
 
 #: A fixed two-shot preamble in the same Question/Answer format.  Zero-shot, the
 #: built-in instruct model answers "Question: ...\nAnswer:" with an end-of-turn
@@ -197,13 +198,14 @@ def evaluate_edits(
     edits: Sequence[EditRecord],
     batch_size: int = 16,
     max_new_tokens: int | None = None,
-) -> dict[str, float]:
+) -> Scores:
     """Edit success, generalization and locality (token F1, averaged over the records).
 
     ``max_new_tokens=None`` generates exactly as many tokens as each target has
     (the F1 clips to that length anyway, so more would be wasted compute);
     an integer fixes the budget for every prompt (still clipped for scoring).
-    Returns ``{"edit_success", "edit_generalization", "edit_locality"}``.
+    Returns ``{"edit_success", "edit_generalization", "edit_locality"}`` with
+    each record's score attached (:class:`shared.item_scores.Scores`).
     """
     if not edits:
         raise ValueError("evaluate_edits needs at least one edit record")
@@ -245,7 +247,8 @@ def evaluate_edits(
     def mean(xs: Sequence[float]) -> float:
         return float(sum(xs) / len(xs))
 
-    return {
-        f"edit_{kind}": mean([mean(scores) for scores in per_record[kind]])
+    # one item per record (generalization: the mean over its rephrases), kept for the bootstrap
+    return Scores.from_items({
+        f"edit_{kind}": ItemScores.of([mean(scores) for scores in per_record[kind]])
         for kind in ("success", "generalization", "locality")
-    }
+    })

@@ -158,7 +158,7 @@ def _run(lm: Any, tasks: list[str], task_manager: Any, limit: int | None) -> dic
         tasks=tasks,
         task_manager=task_manager,
         limit=limit,
-        log_samples=False,
+        log_samples=True,  # the per-question scores: kept for the bootstrap (shared.item_scores)
         bootstrap_iters=0,
     )
     if results is None:  # non-zero rank in a distributed run
@@ -184,6 +184,24 @@ def _metrics(results: dict[str, Any], task: str) -> dict[str, Any]:
         return sum(count(sub) for sub in groups.get(name, []))
 
     out["n"] = count(task)
+    out["item_acc"] = _item_accuracies(results, task)
+    return out
+
+
+def _item_accuracies(results: dict[str, Any], task: str) -> list[float]:
+    """Per-question accuracy (0/1) of one task, in document order; a group's subtasks one after another.
+
+    The order is the data's, so the same question sits at the same position
+    in every model's list -- what a paired bootstrap needs.
+    """
+    samples = results.get("samples") or {}
+    groups = results.get("group_subtasks", {})
+    if task in samples:
+        rows = sorted(samples[task], key=lambda r: int(r["doc_id"]))
+        return [float(r["acc"]) for r in rows]
+    out: list[float] = []
+    for sub in sorted(groups.get(task, [])):
+        out += _item_accuracies(results, sub)
     return out
 
 
@@ -202,9 +220,10 @@ def evaluate_mcq(
     scores only the first questions; ``mcq_format`` is ``cloze`` (choice
     texts) or ``letters`` (the harness's MMLU format, see the module
     docstring).  Runs offline: nothing is downloaded.
-    Returns ``{"acc", "acc_norm", "n", "batch_size"}`` -- the last is the batch
-    size the harness wrapper actually holds, reported so that a run can show it
-    did not fall back to 1.
+    Returns ``{"acc", "acc_norm", "n", "item_acc", "batch_size"}`` --
+    ``item_acc`` the per-question 0/1 scores in file order, ``batch_size``
+    the batch size the harness wrapper actually holds, reported so that a run
+    can show it did not fall back to 1.
     """
     from lm_eval.tasks import TaskManager
 

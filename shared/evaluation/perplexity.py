@@ -30,7 +30,16 @@ def _windows(ids: list[int], max_length: int) -> list[list[int]]:
 def sequence_nll(
     model: Any, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 8
 ) -> tuple[float, int]:
-    """Summed NLL and number of predicted tokens over token sequences (each scored on its own).
+    """Summed NLL and number of predicted tokens over token sequences (each scored on its own)."""
+    nll, tokens = per_sequence_nll(model, sequences, pad_token_id, batch_size)
+    return float(sum(nll)), int(sum(tokens))
+
+
+@torch.no_grad()
+def per_sequence_nll(
+    model: Any, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 8
+) -> tuple[list[float], list[int]]:
+    """Summed NLL and number of predicted tokens of each token sequence (each scored on its own).
 
     Sequences are right-padded into batches; padding is excluded both from
     attention and from the loss, so a padded row scores exactly what it would
@@ -39,8 +48,8 @@ def sequence_nll(
     """
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    total_nll = 0.0
-    total_tokens = 0
+    nll = [0.0] * len(sequences)
+    tokens = [0] * len(sequences)
     for start in range(0, len(order), max(1, batch_size)):
         idx = order[start : start + batch_size]
         input_ids, attention = pad_batch([sequences[i] for i in idx], pad_token_id, left=False)
@@ -49,10 +58,10 @@ def sequence_nll(
             n = len(sequences[i])
             pred = logits[row, : n - 1].float()
             target = input_ids[row, 1:n].to(pred.device)
-            total_nll += float(F.cross_entropy(pred, target, reduction="sum"))
-            total_tokens += n - 1
+            nll[i] = float(F.cross_entropy(pred, target, reduction="sum"))
+            tokens[i] = n - 1
         del logits
-    return total_nll, total_tokens
+    return nll, tokens
 
 
 def perplexity(
@@ -65,18 +74,39 @@ def perplexity(
     independently (the first token of a window is context only).  Returns
     ``exp(sum NLL / number of predicted tokens)``.
     """
+    nll, tokens = document_nll(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    return math.exp(sum(nll) / sum(tokens))
+
+
+def document_nll(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256, batch_size: int = 8
+) -> tuple[list[float], list[int]]:
+    """Summed NLL and number of predicted tokens of each text (its windows together).
+
+    The per-document pieces of :func:`perplexity` -- the items a bootstrap
+    resamples.  Texts too short to predict a token are left out.
+    """
     if max_length < 2:
         raise ValueError("max_length must be at least 2 (one context and one predicted token)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences: list[list[int]] = []
-    for text in texts:
-        sequences += _windows(list(tokenizer(text)["input_ids"]), max_length)
+    owner: list[int] = []
+    for t, text in enumerate(texts):
+        windows = _windows(list(tokenizer(text)["input_ids"]), max_length)
+        sequences += windows
+        owner += [t] * len(windows)
     if not sequences:
         raise ValueError("no text with at least two tokens to score")
     was_training = model.training
     model.eval()
     try:
-        nll, count = sequence_nll(model, sequences, int(pad or 0), batch_size=batch_size)
+        nll, tokens = per_sequence_nll(model, sequences, int(pad or 0), batch_size=batch_size)
     finally:
         model.train(was_training)
-    return math.exp(nll / count)
+    docs = sorted(set(owner))
+    doc_nll = {d: 0.0 for d in docs}
+    doc_tokens = {d: 0 for d in docs}
+    for d, v, n in zip(owner, nll, tokens, strict=True):
+        doc_nll[d] += v
+        doc_tokens[d] += n
+    return [doc_nll[d] for d in docs], [doc_tokens[d] for d in docs]
