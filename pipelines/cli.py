@@ -4,7 +4,7 @@
     lmcompose run SPEC [--store URI] [--out DIR]
     lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N]
     lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N]
-    lmcompose report --results FILE [--out DIR]
+    lmcompose report --results FILE [--out DIR] [--items FILE] [--resamples N] [--seed S] [--confidence C]
 
 Specs are validated before anything expensive starts; a bad spec prints one
 line naming the field and exits with status 2.
@@ -266,11 +266,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from shared.interventions import available
 
+    from shared.uncertainty import read_item_records
+
     results = load_results(Path(args.results))
     out = Path(args.out or Path(args.results).resolve().parent / "report")
     # the method categories order each pair (editor before compressor, as the aggregator does) and group "# Wins"
     categories = {name: m.category.value for name, m in available().items()}
-    build_report(results, out, title=args.title or "lm-compose report", categories=categories)
+    # per-item scores for the intervals: --items, else the items.json the aggregator writes beside results.csv
+    items_path = Path(args.items) if args.items else Path(args.results).resolve().parent / "items.json"
+    if args.items and not items_path.is_file():
+        raise SystemExit(f"error: items file {items_path} does not exist")
+    items = read_item_records(items_path) if items_path.is_file() else None
+    build_report(results, out, title=args.title or "lm-compose report", categories=categories, items=items,
+                 resamples=args.resamples, seed=args.seed, confidence=args.confidence)
     print(console_table(results, categories))
     print(f"\nreport written to {out}")
     return 0
@@ -294,7 +302,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _confidence(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (got {value})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from shared.uncertainty import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
+
     parser = argparse.ArgumentParser(prog="lmcompose", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of each step")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -352,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="results table (.csv or .parquet)")
     p.add_argument("--out", help="output folder (default: report/ beside the table)")
     p.add_argument("--title")
+    p.add_argument("--items", help="per-item scores for the intervals (default: items.json beside the table, if any)")
+    p.add_argument("--resamples", type=_positive_int, default=DEFAULT_RESAMPLES,
+                   help=f"bootstrap resamples (default {DEFAULT_RESAMPLES})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default {DEFAULT_SEED})")
+    p.add_argument("--confidence", type=_confidence, default=DEFAULT_CONFIDENCE,
+                   help=f"interval level in (0, 1) (default {DEFAULT_CONFIDENCE})")
     p.set_defaults(func=cmd_report)
     return parser
 

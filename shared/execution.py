@@ -317,11 +317,14 @@ def average_over_batches(by_batch: Any, criteria: list[str]) -> Any:
     return out.reset_index()[[c for c in by_batch.columns if c != "edit_batch"] + ["num_batches"]]
 
 
-def collect_batch_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):
+def collect_batch_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}",
+                          items_out: list[Any] | None = None):
     """The per-batch results table: one row per composition and edit batch (column ``edit_batch``).
 
     A missing evaluation is an error: the aggregator runs after every
     evaluation task, so a gap means a task failed and the table would lie.
+    ``items_out``, when given, receives one :class:`shared.uncertainty.ItemRecord`
+    per (composition, batch) with the per-item scores of its evaluations.
     """
     import pandas as pd
 
@@ -329,19 +332,23 @@ def collect_batch_results(store_uri: str, base_digest: str, plan_json: str, data
     config = _data(data_json).config
     frames = []
     for b in range(plan_obj.get("num_batches", 1)):
-        frame = _collect_one_batch(store_uri, base_digest, plan_json, ExperimentData(config.for_batch(b)), options_json)
+        frame = _collect_one_batch(store_uri, base_digest, plan_json, ExperimentData(config.for_batch(b)), options_json,
+                                   b, items_out)
         frame.insert(1, "edit_batch", b)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
-def _collect_one_batch(store_uri: str, base_digest: str, plan_json: str, data: ExperimentData, options_json: str):
+def _collect_one_batch(store_uri: str, base_digest: str, plan_json: str, data: ExperimentData, options_json: str,
+                       batch: int = 0, items_out: list[Any] | None = None):
     import math
 
     import pandas as pd
 
     from shared.criteria import CRITERIA
+    from shared.item_scores import items_from_json
     from shared.planner import Plan
+    from shared.uncertainty import ItemRecord
 
     store = open_store(store_uri)
     plan = Plan.from_json(json.loads(plan_json))
@@ -369,12 +376,17 @@ def _collect_one_batch(store_uri: str, base_digest: str, plan_json: str, data: E
         row["sweep_value"] = float(sweep["value"]) if sweep else math.nan
         for name in CRITERIA:
             row[name] = math.nan
+        items: dict[str, Any] = {}
         for evaluator in plan.evaluators:
             rkey = result_key(key, evaluator, evaluation_config(evaluator, data, options))
             if not store.has_json(rkey):
                 raise KeyError(f"evaluation {evaluator} of {comp['label']} ({key}) is missing from the store")
-            row.update(store.get_json(rkey)["criteria"])
+            stored = store.get_json(rkey)
+            row.update(stored["criteria"])
+            items.update(items_from_json(stored.get("items")))
         rows.append(row)
+        if items_out is not None:
+            items_out.append(ItemRecord(comp["label"], batch, key, items))
     return pd.DataFrame(rows)
 
 
@@ -397,11 +409,13 @@ def aggregate(
     from shared.report import build_report
     from shared.store import CorruptCheckpoint
 
-    by_batch = collect_batch_results(store_uri, base_digest, plan_json, data_json, options_json)
+    item_records: list[Any] = []
+    by_batch = collect_batch_results(store_uri, base_digest, plan_json, data_json, options_json, item_records)
     results = average_over_batches(by_batch, list(CRITERIA))
     categories = {name: m.category.value for name, m in available().items()}
     plan = json.loads(plan_json)
-    paths = build_report(results, Path(out_dir), title=title or f"lm-compose report: {plan['spec_name']}", categories=categories)
+    paths = build_report(results, Path(out_dir), title=title or f"lm-compose report: {plan['spec_name']}",
+                         categories=categories, items=item_records)
     if plan.get("num_batches", 1) > 1:  # the averaged rows are results.csv; keep what they average
         by_batch.to_csv(Path(out_dir) / "results_by_batch.csv", index=False)
         paths["results_by_batch"] = Path(out_dir) / "results_by_batch.csv"

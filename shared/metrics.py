@@ -571,6 +571,60 @@ def count_wins(wide: pd.DataFrame, min_competitors: int = 2) -> pd.DataFrame:
     return out
 
 
+@dataclass(frozen=True)
+class WinsRecord:
+    """One compared value of a wins table: ``method``'s ``metric`` in ``column``, from table row ``row``."""
+
+    method: str
+    column: str
+    metric: str
+    value: float
+    row: Any
+
+
+def wins_records(
+    table: pd.DataFrame,
+    group: Sequence[str],
+    metrics: Sequence[str] | None = None,
+    column_keys: Sequence[str] = ("opponent", "criterion"),
+) -> list[WinsRecord]:
+    """The values :func:`wins_table` compares, with the table row each comes from.
+
+    For each row whose pair has exactly one member of ``group``, that member
+    is the row's method and the other member its opponent; pairs inside the
+    group are ignored.  Columns are labelled like ``"wanda edit_success OFE"``
+    and come in sorted order.  Raises ValueError if a method has several
+    values in one column (several sweep values or settings).
+    """
+    group = list(dict.fromkeys(group))
+    if metrics is None:
+        metrics = [m for m in ("order_free_error", "order_sensitivity",
+                               "integrated_order_free_error", "integrated_order_sensitivity") if m in table.columns]
+    members = set(group)
+    raw: list[tuple[tuple[Any, ...], WinsRecord]] = []
+    for idx, row in table.iterrows():
+        inside = [m for m in (row["first"], row["second"]) if m in members]
+        if len(inside) != 1:
+            continue
+        method = inside[0]
+        opponent = row["second"] if method == row["first"] else row["first"]
+        keys = [opponent if key == "opponent" else row[key] for key in column_keys]
+        for metric in metrics:
+            sort_key = (*keys, METRIC_SHORT.get(metric, metric))
+            label = " ".join(str(k) for k in sort_key)
+            raw.append((sort_key, WinsRecord(method, label, metric, _float(row[metric]), idx)))
+    seen: dict[tuple[str, str], WinsRecord] = {}
+    for _, rec in raw:
+        if (rec.method, rec.column) in seen:
+            raise ValueError(
+                f"method {rec.method!r} has several values for column {rec.column!r}; filter the table to one "
+                f"sweep value/setting or add 'sweep_value'/'setting' to column_keys"
+            )
+        seen[(rec.method, rec.column)] = rec
+    raw.sort(key=lambda kr: tuple(str(k) if not isinstance(k, (int, float)) else k for k in kr[0]))
+    return [rec for _, rec in raw]
+
+
 def wins_table(
     table: pd.DataFrame,
     group: Sequence[str],
@@ -594,39 +648,12 @@ def wins_table(
     ``column_keys`` or filter the table first.
     """
     group = list(dict.fromkeys(group))
-    if metrics is None:
-        metrics = [m for m in ("order_free_error", "order_sensitivity",
-                               "integrated_order_free_error", "integrated_order_sensitivity") if m in table.columns]
-    metrics = list(metrics)
-    members = set(group)
-    records: list[dict[str, Any]] = []
-    for _, row in table.iterrows():
-        inside = [m for m in (row["first"], row["second"]) if m in members]
-        if len(inside) != 1:
-            continue
-        method = inside[0]
-        opponent = row["second"] if method == row["first"] else row["first"]
-        base = {"method": method, "opponent": opponent}
-        for key in column_keys:
-            if key != "opponent":
-                base[key] = row[key]
-        for metric in metrics:
-            records.append({**base, "metric": METRIC_SHORT.get(metric, metric), "value": _float(row[metric])})
-    keys = [k for k in column_keys] + ["metric"]
+    records = wins_records(table, group, metrics, column_keys)
     if not records:
         wide = pd.DataFrame(index=pd.Index(group, name="method"))
         return count_wins(wide, min_competitors)
-    long = pd.DataFrame(records)
-    dup = long.duplicated(subset=["method", *keys], keep=False)
-    if dup.any():
-        example = long[dup].iloc[0]
-        raise ValueError(
-            f"method {example['method']!r} has several values for column "
-            f"{tuple(example[k] for k in keys)}; filter the table to one sweep value/setting "
-            f"or add 'sweep_value'/'setting' to column_keys"
-        )
-    long["column"] = long[keys].astype(str).agg(" ".join, axis=1)
-    column_order = list(dict.fromkeys(long.sort_values(keys, kind="stable")["column"]))
+    long = pd.DataFrame([{"method": r.method, "column": r.column, "value": r.value} for r in records])
+    column_order = list(dict.fromkeys(r.column for r in records))
     wide = long.pivot(index="method", columns="column", values="value")
     wide = wide.reindex(index=group, columns=column_order)
     wide.index.name = "method"
@@ -666,5 +693,7 @@ __all__ = [
     "pair_compositions",
     "pair_table",
     "params_dict",
+    "wins_records",
     "wins_table",
+    "WinsRecord",
 ]

@@ -24,6 +24,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from shared.criteria import COMPOSABILITY_CRITERIA, CRITERIA  # noqa: E402
+from shared.uncertainty import (  # noqa: E402
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    HI,
+    LO,
+    Bootstrap,
+    ItemRecord,
+    WinsUncertainty,
+    bootstrap_criteria,
+    integrated_draws,
+    integrated_with_intervals,
+    pair_draws,
+    pairs_with_intervals,
+    results_with_intervals,
+    wins_uncertainty,
+    write_item_records,
+)
 from shared.metrics import (  # noqa: E402
     BASE_COLUMNS,
     REQUIRED_COLUMNS,
@@ -133,6 +151,19 @@ def markdown_table(df: pd.DataFrame, formats: Mapping[str, Any] | None = None) -
     return "\n".join(lines)
 
 
+def _ci_cells(frame: pd.DataFrame, column: str, digits: int = 3) -> list[Any]:
+    """``value [lo, hi]`` strings where ``frame`` has the column's interval, else the raw values."""
+    if column + LO not in frame.columns:
+        return frame[column].tolist()
+    cells = []
+    for v, lo, hi in zip(frame[column], frame[column + LO], frame[column + HI]):
+        text = _fmt(v, digits)
+        if not (isinstance(lo, float) and math.isnan(lo)) and text != "n/a":
+            text += f" [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+        cells.append(text)
+    return cells
+
+
 def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -232,9 +263,20 @@ def plot_pair(
 
     fig, ax = plt.subplots(figsize=(5.0, 3.6), dpi=100)
     try:
-        ax.plot(xs, y1, marker="o", label=_order_label(first, second))
-        ax.plot(xs, y2, marker="s", label=_order_label(second, first))
+        ax.plot(xs, y1, marker="o", color="tab:blue", label=_order_label(first, second))
+        ax.plot(xs, y2, marker="s", color="tab:orange", label=_order_label(second, first))
         ax.fill_between(xs, y1, y2, alpha=0.25, color="tab:gray", label="order sensitivity")
+        if criterion + LO in results.columns:  # each order's interval as a band in its colour
+            by_comp = results.set_index("composition")
+            for column, color in (("composition_first_then_second", "tab:blue"),
+                                  ("composition_second_then_first", "tab:orange")):
+                comps = sel[column].tolist()
+                if all(c in by_comp.index for c in comps):
+                    lo = by_comp.loc[comps, criterion + LO].astype(float).tolist()
+                    hi = by_comp.loc[comps, criterion + HI].astype(float).tolist()
+                    if not any(math.isnan(v) for v in lo + hi):
+                        ax.fill_between(xs, lo, hi, alpha=0.12, color=color, linewidth=0,
+                                        label="interval" if color == "tab:blue" else None)
         base = results[results["n_steps"] == 0]
         if not base.empty and not math.isnan(float(base[criterion].iloc[0])):
             ax.axhline(float(base[criterion].iloc[0]), color="black", linestyle=":", linewidth=1, label="base model")
@@ -310,27 +352,33 @@ def _wins_tables(
     categories: Mapping[str, Any] | None,
     summary_at: Mapping[str, float] | None,
     notes: list[str],
-) -> list[tuple[str, str, pd.DataFrame]]:
-    """(group, basis, table) for every category with at least two methods in the pairs."""
+    draws: tuple[dict[Any, Any], dict[Any, Any]] | None = None,
+    boot: Bootstrap | None = None,
+) -> list[tuple[str, str, pd.DataFrame, WinsUncertainty | None]]:
+    """(group, basis, table, uncertainty) for every category with at least two methods in the pairs.
+
+    ``draws`` = (pair-table draws, integrated-table draws) of the bootstrap;
+    without them the uncertainty is None.
+    """
     if pairs.empty:
         return []
     if not categories:
         notes.append("wins not counted: pass a method -> category mapping to form the groups")
         return []
     methods = set(pairs["first"]) | set(pairs["second"])
-    out: list[tuple[str, str, pd.DataFrame]] = []
+    out: list[tuple[str, str, pd.DataFrame, WinsUncertainty | None]] = []
     per_setting = _summary_slice(pairs, summary_at)
     for cat, group in category_groups(methods, categories).items():
         if len(group) < 2:
             continue
-        bases: list[tuple[str, pd.DataFrame]] = []
+        bases: list[tuple[str, pd.DataFrame, dict[Any, Any] | None]] = []
         if integrated["integrated_order_free_error"].notna().any() or integrated["integrated_order_sensitivity"].notna().any():
-            bases.append(("integrated", integrated))
+            bases.append(("integrated", integrated, draws[1] if draws else None))
         involved = per_setting[per_setting["first"].isin(group) ^ per_setting["second"].isin(group)]
         if not involved.empty:
             at = _sweep_label(involved)
-            bases.append((f"per setting ({at})" if at else "per setting", involved))
-        for basis, table in bases:
+            bases.append((f"per setting ({at})" if at else "per setting", involved, draws[0] if draws else None))
+        for basis, table, table_draws in bases:
             try:
                 wins = wins_table(table, group)
             except ValueError as exc:
@@ -339,7 +387,10 @@ def _wins_tables(
             values = wins.drop(columns=[WINS_COLUMN])
             values = values.loc[:, values.notna().any()]
             if (values.notna().sum() >= 2).any():  # at least one column where two methods compete
-                out.append((cat, basis, pd.concat([wins[[WINS_COLUMN]], values], axis=1)))
+                unc = wins_uncertainty(table, table_draws, group, boot) if (table_draws is not None and boot) else None
+                if unc is not None:
+                    unc.share = unc.share.reindex(columns=values.columns)
+                out.append((cat, basis, pd.concat([wins[[WINS_COLUMN]], values], axis=1), unc))
     if summary_at is None and (pairs.groupby(["pair", "setting_key"])["sweep_value"].nunique() > 1).any():
         notes.append("per-setting wins are counted only for pairs evaluated at a single sweep value; "
                      "pass summary_at={sweep_param: value} to compare swept pairs at one value")
@@ -356,6 +407,10 @@ def build_report(
     categories: Mapping[str, Any] | None = None,
     floor: tuple[str, float] | None = None,
     summary_at: Mapping[str, float] | None = None,
+    items: Sequence[ItemRecord] | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, Path]:
     """Write the full report of a results table into ``out_dir`` and return the written paths.
 
@@ -366,9 +421,18 @@ def build_report(
     served as a KFP Markdown artifact.  Keys of the returned dict: ``results``,
     ``composability``, ``composability_integrated``, ``wins``, ``report``,
     ``plots_dir`` and ``plots/<file>`` for each plot.
+
+    ``items`` (the per-item scores of the evaluations, see
+    :mod:`shared.uncertainty`) adds bootstrap intervals at level
+    ``confidence`` from ``resamples`` paired resamples drawn with ``seed``:
+    ``<column>_lo`` / ``<column>_hi`` columns in every CSV, ``value [lo, hi]``
+    in the Markdown, bands in the plots, the share of resamples each method
+    wins in ``wins_share.csv``; and ``items.json`` to rebuild them.
     """
     validate_results(results)
     results = normalize_results(results)
+    # intervals of an earlier report are recomputed, never carried over
+    results = results.drop(columns=[c + sfx for c in CRITERIA for sfx in (LO, HI) if c + sfx in results.columns])
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -390,7 +454,26 @@ def build_report(
         integrated_all = integrated
         wins_basis = integrated
 
-    wins = _wins_tables(pairs, wins_basis, categories, summary_at, notes)
+    boot = bootstrap_criteria(items, resamples, seed, confidence) if items else None
+    draws = None
+    if boot is not None:
+        notes += boot.notes
+        notes.append(
+            f"Intervals: {100 * confidence:g} % percentile intervals from {resamples} paired bootstrap resamples "
+            f"(seed {seed}) of the evaluated items (edit records, questions, documents"
+            + ("; edit batches first" if len({r.edit_batch for r in items}) > 1 else "")
+            + "); both orders of a pair are resampled together."
+        )
+        results = results_with_intervals(results, boot)
+        # draws keyed by the row labels of the pair and (combined) integrated tables, which keep them
+        draws = (pair_draws(pairs, boot), integrated_draws(integrated_all, pairs, boot, floor, results))
+        pairs = pairs_with_intervals(pairs, boot)
+        integrated_all = integrated_with_intervals(integrated_all, pairs, boot, floor, results)
+        wins_basis = integrated_all.iloc[len(integrated):] if floor else integrated_all
+    elif items is not None:
+        notes.append("no per-item scores in the results (evaluated before they were kept): no intervals")
+
+    wins = _wins_tables(pairs, wins_basis, categories, summary_at, notes, draws, boot)
 
     written["results"] = out_dir / "results.csv"
     results.to_csv(written["results"], index=False)
@@ -400,13 +483,30 @@ def build_report(
     integrated_all.to_csv(written["composability_integrated"], index=False)
     written["wins"] = out_dir / "wins.csv"
     if wins:
-        frames = [w.reset_index().assign(group=g, basis=b) for g, b, w in wins]
+        frames = []
+        for g, b, w, unc in wins:
+            frame = w.reset_index().assign(group=g, basis=b)
+            if unc is not None:
+                frame.insert(2, WINS_COLUMN + LO, unc.wins_lo.reindex(w.index).to_numpy())
+                frame.insert(3, WINS_COLUMN + HI, unc.wins_hi.reindex(w.index).to_numpy())
+            frames.append(frame)
         wins_csv = pd.concat(frames, ignore_index=True)
-        lead = ["group", "basis", "method", WINS_COLUMN]
+        lead = ["group", "basis", "method", WINS_COLUMN] + [c for c in (WINS_COLUMN + LO, WINS_COLUMN + HI)
+                                                           if c in wins_csv.columns]
         wins_csv = wins_csv[lead + [c for c in wins_csv.columns if c not in lead]]
     else:
         wins_csv = pd.DataFrame(columns=["group", "basis", "method", WINS_COLUMN])
     wins_csv.to_csv(written["wins"], index=False)
+    if boot is not None:
+        shares = [
+            unc.share.stack().rename("share").reset_index().rename(columns={"level_1": "column"}).assign(group=g, basis=b)
+            for g, b, _w, unc in wins if unc is not None
+        ]
+        share_csv = (pd.concat(shares, ignore_index=True)[["group", "basis", "method", "column", "share"]]
+                     if shares else pd.DataFrame(columns=["group", "basis", "method", "column", "share"]))
+        written["wins_share"] = out_dir / "wins_share.csv"
+        share_csv.to_csv(written["wins_share"], index=False)
+        written["items"] = write_item_records(items or [], out_dir / "items.json")
 
     plots: dict[tuple[str, str, str], Path] = {}
     if not pairs.empty:
@@ -475,7 +575,7 @@ def _markdown(
     results: pd.DataFrame,
     pairs: pd.DataFrame,
     integrated: pd.DataFrame,
-    wins: list[tuple[str, str, pd.DataFrame]],
+    wins: list[tuple[str, str, pd.DataFrame, WinsUncertainty | None]],
     plots: dict[tuple[str, str, str], Path],
     notes: list[str],
     floor: tuple[str, float] | None,
@@ -496,6 +596,13 @@ def _markdown(
         "Integrated values are areas over the sweep axis normalized to [0, 1].",
         "",
     ]
+    if "order_difference" in pairs.columns:
+        lines += [
+            "Intervals are written `value [lo, hi]`. `first - second` is the signed difference between the orders "
+            "(raw criterion): the order matters where its interval excludes 0 (OS, an absolute value, has an "
+            "interval above 0 even when it does not).",
+            "",
+        ]
     if notes:
         lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
 
@@ -507,6 +614,9 @@ def _markdown(
     else:
         view = single[["composition", *CRITERIA]].copy()
         view["composition"] = [c if c else "(base model)" for c in view["composition"]]
+        for c in CRITERIA:
+            if c + LO in single.columns:
+                view[c] = _ci_cells(single, c, 2 if c == "perplexity" else 3)
         lines += [markdown_table(view, _MEASUREMENT_FORMATS), ""]
 
     # per setting
@@ -525,9 +635,11 @@ def _markdown(
                 "criterion": grp["criterion"],
                 _order_label(first, second): grp["kappa_first_then_second"],
                 _order_label(second, first): grp["kappa_second_then_first"],
-                "OFE": grp["order_free_error"],
-                "OS": grp["order_sensitivity"],
+                "OFE": _ci_cells(grp, "order_free_error"),
+                "OS": _ci_cells(grp, "order_sensitivity"),
             })
+            if "order_difference" in grp.columns:  # signed: does the order matter? (interval excludes 0)
+                view["first - second"] = _ci_cells(grp, "order_difference")
             lines += [markdown_table(view), ""]
 
     # integrated
@@ -542,8 +654,8 @@ def _markdown(
             "setting": integrated["setting"],
             "criterion": integrated["criterion"],
             "floor": [f or "-" for f in integrated["floor"]],
-            "OFE (integrated)": integrated["integrated_order_free_error"],
-            "OS (integrated)": integrated["integrated_order_sensitivity"],
+            "OFE (integrated)": _ci_cells(integrated, "integrated_order_free_error"),
+            "OS (integrated)": _ci_cells(integrated, "integrated_order_sensitivity"),
             "points": [f"{a}/{b}" for a, b in zip(integrated["n_points"], integrated["n_points_total"])],
         })
         lines += [markdown_table(view), ""]
@@ -557,9 +669,22 @@ def _markdown(
         lines += ["_No wins table: it needs at least two methods of one category paired with the same opponents"
                   " (and a category mapping)._", ""]
     else:
-        lines += ["Per column the strictly lowest value wins; ties and n/a award no win.", ""]
-        for group, basis, table in wins:
-            lines += [f"### {group} ({basis})", "", markdown_table(table.reset_index(), {WINS_COLUMN: str}), ""]
+        lines += ["Per column the strictly lowest value wins; ties and n/a award no win."
+                  + (" With intervals: `# Wins` is the point count [interval over resamples], each value is "
+                     "followed by the share of resamples in which that method wins the column."
+                     if any(unc is not None for *_x, unc in wins) else ""), ""]
+        for group, basis, table, unc in wins:
+            view = table.reset_index()
+            if unc is not None:
+                view[WINS_COLUMN] = [f"{int(n)} [{lo:g}, {hi:g}]" for n, lo, hi in
+                                     zip(table[WINS_COLUMN], unc.wins_lo.reindex(table.index),
+                                         unc.wins_hi.reindex(table.index))]
+                for col in table.columns:
+                    if col == WINS_COLUMN or col not in unc.share.columns:
+                        continue
+                    view[col] = [_fmt(v) if _fmt(v) == "n/a" else f"{_fmt(v)} ({100 * p:.0f} %)"
+                                 for v, p in zip(table[col], unc.share[col].reindex(table.index))]
+            lines += [f"### {group} ({basis})", "", markdown_table(view, {WINS_COLUMN: str}), ""]
 
     # plots
     lines += ["## Plots", ""]

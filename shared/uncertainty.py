@@ -1,0 +1,399 @@
+"""Bootstrap intervals for every criterion and every composability figure built from them.
+
+The paper reports point values only.  Here each evaluation keeps its per-item
+scores (:mod:`shared.item_scores`: one per edit record, question or
+document), and a *paired* bootstrap resamples those items:
+
+* one resample draws the items once (with replacement, within each stratum)
+  and every evaluated model is scored on that same draw -- both orders of a
+  pair are measured on the same edits and questions, so their difference
+  (order sensitivity) is not drowned in item-to-item variation the two
+  orders share; identical orders give an interval of exactly ``[0, 0]``;
+* with several edit batches, a resample first draws batches with
+  replacement, then items within each drawn batch (two-stage bootstrap), and
+  averages over the drawn batches as the results table averages over batches;
+* each resample recomputes every criterion, then order-free error, order
+  sensitivity, their integrated forms and the "# Wins" counts exactly as the
+  point values are computed (:mod:`shared.metrics`), and the interval is the
+  percentile interval over resamples.
+
+Choices that keep the point values and intervals consistent: a floor of the
+integrated metrics keeps the sweep points the *point* values keep (a
+resample does not move the floor); NaN stays NaN.
+
+Pure numpy/pandas: the aggregator, the CLI and the tests call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shared.criteria import CRITERIA
+from shared.item_scores import ItemScores, items_from_json, items_to_json
+
+#: defaults of the report's bootstrap: resamples, seed and interval level
+DEFAULT_RESAMPLES = 1000
+DEFAULT_SEED = 0
+DEFAULT_CONFIDENCE = 0.95
+
+#: suffixes of interval columns: ``order_free_error_lo`` / ``order_free_error_hi``
+LO, HI = "_lo", "_hi"
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """The per-item scores of one composition's evaluation on one edit batch."""
+
+    composition: str
+    edit_batch: int
+    model_key: str
+    items: dict[str, ItemScores]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"composition": self.composition, "edit_batch": self.edit_batch, "model_key": self.model_key,
+                "items": items_to_json(self.items)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "ItemRecord":
+        return cls(str(obj["composition"]), int(obj["edit_batch"]), str(obj["model_key"]), items_from_json(obj["items"]))
+
+
+def write_item_records(records: Sequence[ItemRecord], path: str | Path) -> Path:
+    """``items.json`` beside a results table: what ``lmcompose report`` needs to rebuild the intervals."""
+    path = Path(path)
+    path.write_text(json.dumps({"version": 1, "records": [r.to_json() for r in records]}, separators=(",", ":")),
+                    encoding="utf-8")
+    return path
+
+
+def read_item_records(path: str | Path) -> list[ItemRecord]:
+    obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(obj, dict) or obj.get("version") != 1 or not isinstance(obj.get("records"), list):
+        raise ValueError(f"{path}: not an lm-compose items file (expected {{'version': 1, 'records': [...]}})")
+    return [ItemRecord.from_json(r) for r in obj["records"]]
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def resample_indices(scores: ItemScores, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_boot, n]`` item indices: each row draws every stratum's items with replacement, keeping its size."""
+    n = len(scores)
+    index = np.empty((n_boot, n), dtype=np.int64)
+    for positions in scores.stratum_indices():
+        index[:, positions] = positions[rng.integers(0, len(positions), size=(n_boot, len(positions)))]
+    return index
+
+
+@dataclass
+class Bootstrap:
+    """Resampled criteria: ``values[composition][criterion]`` is an array of ``n_boot`` values."""
+
+    n_boot: int
+    seed: int
+    confidence: float
+    values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, composition: str, criterion: str) -> np.ndarray | None:
+        return self.values.get(composition, {}).get(criterion)
+
+    def interval(self, draws: np.ndarray | None) -> tuple[float, float]:
+        """Percentile interval of ``draws`` (NaN, NaN when there are none or any is NaN)."""
+        if draws is None or len(draws) == 0 or np.isnan(draws).any():
+            return math.nan, math.nan
+        tail = (1.0 - self.confidence) / 2.0 * 100.0
+        lo, hi = np.percentile(draws, [tail, 100.0 - tail])
+        return float(lo), float(hi)
+
+
+def _signature(scores: ItemScores) -> tuple[int, tuple[int, ...] | None]:
+    return len(scores), scores.strata
+
+
+def bootstrap_criteria(
+    records: Sequence[ItemRecord],
+    n_boot: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Bootstrap:
+    """Resample the items of every (composition, criterion), paired across compositions.
+
+    Items of one criterion on one edit batch are the same data for every
+    composition, so one index draw per (batch, evaluator) serves all of them;
+    a differing item count there is a bookkeeping error and raises.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1 (got {n_boot})")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1) (got {confidence})")
+    boot = Bootstrap(n_boot=n_boot, seed=seed, confidence=confidence)
+    if not records:
+        return boot
+    rng = np.random.default_rng(seed)
+    batches = sorted({r.edit_batch for r in records})
+    # stage 1: which batches each resample uses (only when there are several)
+    batch_draws = rng.integers(0, len(batches), size=(n_boot, len(batches))) if len(batches) > 1 else None
+
+    # stage 2: one item draw per (batch, evaluator), shared by every composition
+    families: dict[tuple[int, str], tuple[int, tuple[int, ...] | None]] = {}
+    for r in records:
+        for criterion, scores in r.items.items():
+            fam = (r.edit_batch, _evaluator_of(criterion))
+            sig = _signature(scores)
+            if families.setdefault(fam, sig) != sig:
+                raise ValueError(
+                    f"criterion {criterion!r} of {r.composition!r} (batch {r.edit_batch}) has {len(scores)} items, "
+                    f"other models of the same data have {families[fam][0]}: the items must be the same data"
+                )
+    draws: dict[tuple[int, str], np.ndarray] = {}
+    for fam in sorted(families):
+        n, strata = families[fam]
+        draws[fam] = resample_indices(ItemScores.of([0.0] * n, strata=strata), n_boot, rng)
+
+    by_comp: dict[str, dict[int, ItemRecord]] = {}
+    for r in records:
+        if r.edit_batch in by_comp.setdefault(r.composition, {}):
+            raise ValueError(f"two item records for {r.composition!r} on edit batch {r.edit_batch}")
+        by_comp[r.composition][r.edit_batch] = r
+    for comp, per_batch in by_comp.items():
+        out: dict[str, np.ndarray] = {}
+        criteria = set.intersection(*(set(per_batch[b].items) if b in per_batch else set() for b in batches))
+        missing = set().union(*(set(r.items) for r in per_batch.values())) - criteria
+        if missing:
+            boot.notes.append(f"{comp or '(base model)'}: per-item scores of {', '.join(sorted(missing))} "
+                              "missing on some edit batch; no interval for them")
+        for criterion in sorted(criteria):
+            stats = np.stack([
+                per_batch[b].items[criterion].resampled(draws[(b, _evaluator_of(criterion))]) for b in batches
+            ])  # [batches, n_boot]
+            if batch_draws is None:
+                out[criterion] = stats[0]
+            else:
+                out[criterion] = stats[batch_draws, np.arange(n_boot)[:, None]].mean(axis=1)
+        boot.values[comp] = out
+    return boot
+
+
+def _evaluator_of(criterion: str) -> str:
+    crit = CRITERIA.get(criterion)
+    return crit.evaluator if crit is not None else criterion
+
+
+# --------------------------------------------------------------------------- tables with intervals
+
+
+def results_with_intervals(results: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
+    """The results table plus ``<criterion>_lo`` / ``<criterion>_hi`` for every criterion with items."""
+    out = results.copy()
+    for criterion in CRITERIA:
+        if criterion not in out.columns:
+            continue
+        bounds = [boot.interval(boot.get(str(comp), criterion)) for comp in out["composition"]]
+        if all(math.isnan(lo) for lo, _ in bounds):
+            continue
+        at = list(out.columns).index(criterion) + 1
+        out.insert(at, criterion + LO, [lo for lo, _ in bounds])
+        out.insert(at + 1, criterion + HI, [hi for _, hi in bounds])
+    return out
+
+
+def _hib_draws(criterion: str, draws: np.ndarray) -> np.ndarray:
+    return draws if CRITERIA[criterion].higher_is_better else 1.0 - draws
+
+
+def pair_draws(pairs: pd.DataFrame, boot: Bootstrap) -> dict[Any, dict[str, np.ndarray]]:
+    """Resampled OFE and OS of every pair-table row (by row index); rows without items are absent."""
+    out: dict[Any, dict[str, np.ndarray]] = {}
+    for idx, row in pairs.iterrows():
+        crit = row["criterion"]
+        a = boot.get(row["composition_first_then_second"], crit)
+        b = boot.get(row["composition_second_then_first"], crit)
+        if a is None or b is None:
+            continue
+        ha, hb = _hib_draws(crit, a), _hib_draws(crit, b)
+        out[idx] = {"order_free_error": 1.0 - np.maximum(ha, hb), "order_sensitivity": np.abs(ha - hb),
+                    "order_difference": a - b}
+    return out
+
+
+def pairs_with_intervals(pairs: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
+    """The pair table plus ``order_free_error_lo/_hi``, ``order_sensitivity_lo/_hi`` and the signed difference.
+
+    ``order_difference`` = raw criterion of first-then-second minus
+    second-then-first, with its interval.  Order sensitivity is its absolute
+    value, and the percentile interval of an absolute value stays above 0
+    whenever the resamples rarely hit exactly 0 -- so whether the order
+    *matters* is read from the signed difference: an interval that excludes
+    0 shows it does.
+    """
+    draws = pair_draws(pairs, boot)
+    out = pairs.copy()
+    at = list(out.columns).index("order_sensitivity") + 1
+    out.insert(at, "order_difference", out["kappa_first_then_second"] - out["kappa_second_then_first"])
+    for metric in ("order_free_error", "order_sensitivity", "order_difference"):
+        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
+        at = list(out.columns).index(metric) + 1
+        out.insert(at, metric + LO, [lo for lo, _ in bounds])
+        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
+    return out
+
+
+def _trapezoid_draws(xs: Sequence[float], ys: np.ndarray, x_range: tuple[float, float]) -> np.ndarray | None:
+    """Row-wise :func:`shared.metrics.integrate_normalized` of ``ys`` (``[points, n_boot]``)."""
+    x = np.asarray(xs, dtype=float)
+    lo, hi = x_range
+    if x.size < 2 or np.isnan(x).any() or not hi > lo:
+        return None
+    order = np.argsort(x, kind="stable")
+    xn = (x[order] - lo) / (hi - lo)
+    y = ys[order]
+    return ((xn[1:] - xn[:-1])[:, None] * (y[1:] + y[:-1]) / 2.0).sum(axis=0)
+
+
+def integrated_draws(
+    integrated: pd.DataFrame,
+    pairs: pd.DataFrame,
+    boot: Bootstrap,
+    floor: tuple[str, float] | None = None,
+    results: pd.DataFrame | None = None,
+) -> dict[Any, dict[str, np.ndarray]]:
+    """Resampled integrated OFE and OS of every integrated-table row (by row index).
+
+    The sweep points kept under a floor are those the point value kept
+    (:func:`shared.metrics.integrated_table`), on the same normalized axis.
+    """
+    from shared.metrics import _floor_mask
+
+    per_row = pair_draws(pairs, boot)
+    out: dict[Any, dict[str, np.ndarray]] = {}
+    for idx, row in integrated.iterrows():
+        group = pairs[(pairs["pair"] == row["pair"]) & (pairs["setting_key"] == row["setting_key"])
+                      & (pairs["criterion"] == row["criterion"])].sort_values("sweep_value", kind="stable")
+        if row["floor"] and floor:
+            group = group[_floor_mask(group, floor, pairs, results)]
+        if group.empty or any(i not in per_row for i in group.index):
+            continue
+        xs = group["sweep_value"].astype(float).tolist()
+        entry = {}
+        for metric in ("order_free_error", "order_sensitivity"):
+            ys = np.stack([per_row[i][metric] for i in group.index])
+            area = _trapezoid_draws(xs, ys, (float(row["sweep_min"]), float(row["sweep_max"])))
+            if area is not None:
+                entry["integrated_" + metric] = area
+        if entry:
+            out[idx] = entry
+    return out
+
+
+def integrated_with_intervals(
+    integrated: pd.DataFrame,
+    pairs: pd.DataFrame,
+    boot: Bootstrap,
+    floor: tuple[str, float] | None = None,
+    results: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The integrated table plus ``integrated_order_free_error_lo/_hi`` and ``..._sensitivity_lo/_hi``."""
+    draws = integrated_draws(integrated, pairs, boot, floor, results)
+    out = integrated.copy()
+    for metric in ("integrated_order_free_error", "integrated_order_sensitivity"):
+        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
+        at = list(out.columns).index(metric) + 1
+        out.insert(at, metric + LO, [lo for lo, _ in bounds])
+        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
+    return out
+
+
+# --------------------------------------------------------------------------- wins
+
+
+@dataclass
+class WinsUncertainty:
+    """How stable a wins table is under resampling.
+
+    ``share`` (methods x columns): the fraction of resamples in which the
+    method wins the column; ``wins_lo`` / ``wins_hi``: the interval of its
+    "# Wins" count; ``wins_mean``: the mean count over resamples.
+    """
+
+    share: pd.DataFrame
+    wins_lo: pd.Series
+    wins_hi: pd.Series
+    wins_mean: pd.Series
+
+
+def wins_uncertainty(
+    table: pd.DataFrame,
+    draws: Mapping[Any, Mapping[str, np.ndarray]],
+    group: Sequence[str],
+    boot: Bootstrap,
+    min_competitors: int = 2,
+) -> WinsUncertainty | None:
+    """Resampled "# Wins" of :func:`shared.metrics.wins_table` on ``table`` (a pair or integrated table).
+
+    ``draws`` are the resampled metric values of ``table``'s rows
+    (:func:`pair_draws` / :func:`integrated_draws`).  A column takes part in
+    a resample only where its point value does (same competitors); a value
+    without draws makes the whole table's uncertainty undefined (None).
+    """
+    from shared.metrics import wins_records
+
+    records = wins_records(table, group)
+    if not records:
+        return None
+    columns = list(dict.fromkeys(rec.column for rec in records))
+    methods = list(dict.fromkeys(group))
+    n_boot = boot.n_boot
+    values = np.full((len(methods), len(columns), n_boot), np.nan)
+    for rec in records:
+        if math.isnan(rec.value):
+            continue
+        d = draws.get(rec.row, {}).get(rec.metric)
+        if d is None:
+            return None
+        values[methods.index(rec.method), columns.index(rec.column)] = d
+    valid = ~np.isnan(values)
+    competing = valid.sum(axis=0) >= max(1, min_competitors)  # [columns, n_boot]
+    filled = np.where(valid, values, np.inf)
+    best = filled.min(axis=0)
+    is_best = valid & (filled == best[None])
+    unique = is_best.sum(axis=0) == 1
+    wins = is_best & (unique & competing)[None]  # [methods, columns, n_boot]
+    share = pd.DataFrame(wins.mean(axis=2), index=pd.Index(methods, name="method"), columns=columns)
+    counts = wins.sum(axis=1)  # [methods, n_boot]
+    tail = (1.0 - boot.confidence) / 2.0 * 100.0
+    lo, hi = np.percentile(counts, [tail, 100.0 - tail], axis=1)
+    return WinsUncertainty(
+        share=share,
+        wins_lo=pd.Series(lo, index=methods),
+        wins_hi=pd.Series(hi, index=methods),
+        wins_mean=pd.Series(counts.mean(axis=1), index=methods),
+    )
+
+
+__all__ = [
+    "Bootstrap",
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_RESAMPLES",
+    "DEFAULT_SEED",
+    "ItemRecord",
+    "WinsUncertainty",
+    "bootstrap_criteria",
+    "integrated_draws",
+    "integrated_with_intervals",
+    "pair_draws",
+    "pairs_with_intervals",
+    "read_item_records",
+    "resample_indices",
+    "results_with_intervals",
+    "wins_uncertainty",
+    "write_item_records",
+]
