@@ -4,6 +4,7 @@
     lmcompose run SPEC [--store URI] [--out DIR]
     lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N]
     lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N]
+    lmcompose findings [RESULTS_DIR] [--out FILE]
     lmcompose report --results FILE [--out DIR] [--items FILE] [--resamples N] [--seed S] [--confidence C]
 
 Specs are validated before anything expensive starts; a bad spec prints one
@@ -23,6 +24,7 @@ from pathlib import Path
 from shared.spec import SpecError
 
 DEFAULT_STORE = ".lmcompose/store"
+DEFAULT_RESAMPLES_CLI = 1000  # shared.uncertainty.DEFAULT_RESAMPLES, without importing numpy at start-up
 
 
 def _store_uri(args: argparse.Namespace, spec) -> str:
@@ -284,6 +286,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_findings(args: argparse.Namespace) -> int:
+    from shared.findings import write_findings
+
+    command = "lmcompose findings " + " ".join(
+        [args.results_dir, "--out", args.out]
+        + ([f"--resamples {args.resamples}"] if args.resamples != DEFAULT_RESAMPLES_CLI else [])
+        + ([f"--seed {args.seed}"] if args.seed else []))
+    results = write_findings(args.results_dir, args.out, args.resamples, args.seed, args.confidence, command)
+    for r in results:
+        print(f"{r.finding.number}. {r.finding.title}: {r.verdict}" + (f" ({r.note})" if r.note else ""))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from shared.export import export_compressed
     from shared.store import open_store
@@ -383,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=_confidence, default=DEFAULT_CONFIDENCE,
                    help=f"interval level in (0, 1) (default {DEFAULT_CONFIDENCE})")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("findings", help="check the paper's seven findings on study reports (docs/findings.md)")
+    p.add_argument("results_dir", nargs="?", default="docs/results",
+                   help="folder of study report folders (default docs/results)")
+    p.add_argument("--out", default="docs/findings.md", help="Markdown file to write (default docs/findings.md)")
+    p.add_argument("--resamples", type=_positive_int, default=DEFAULT_RESAMPLES)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--confidence", type=_confidence, default=DEFAULT_CONFIDENCE)
+    p.set_defaults(func=cmd_findings)
     return parser
 
 
