@@ -590,9 +590,9 @@ def wins_records(
 ) -> list[WinsRecord]:
     """The values :func:`wins_table` compares, with the table row each comes from.
 
-    For each row whose pair has exactly one member of ``group``, that member
-    is the row's method and the other member its opponent; pairs inside the
-    group are ignored.  Columns are labelled like ``"wanda edit_success OFE"``
+    For each row whose pair (or k-step combo, ``members``) has exactly one
+    member of ``group``, that member is the row's method and the others its
+    opponent; rows with several members of the group are ignored.  Columns are labelled like ``"wanda edit_success OFE"``
     and come in sorted order.  Raises ValueError if a method has several
     values in one column (several sweep values or settings).
     """
@@ -603,11 +603,13 @@ def wins_records(
     members = set(group)
     raw: list[tuple[tuple[Any, ...], WinsRecord]] = []
     for idx, row in table.iterrows():
-        inside = [m for m in (row["first"], row["second"]) if m in members]
+        # a pair table names its two methods; a k-step table (shared.orders) lists them in "members"
+        row_members = str(row["members"]).split("+") if "members" in row.index else [row["first"], row["second"]]
+        inside = [m for m in row_members if m in members]
         if len(inside) != 1:
             continue
         method = inside[0]
-        opponent = row["second"] if method == row["first"] else row["first"]
+        opponent = "+".join(m for m in row_members if m != method)
         keys = [opponent if key == "opponent" else row[key] for key in column_keys]
         for metric in metrics:
             sort_key = (*keys, METRIC_SHORT.get(metric, metric))

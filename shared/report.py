@@ -10,6 +10,8 @@ order failed -- yields a report with a note instead of an exception.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import numbers
 import re
@@ -521,12 +523,134 @@ def build_report(
                         plots[(pair, skey, crit)] = path
                         written[f"plots/{name}"] = path
 
-    md = _markdown(title, results, pairs, integrated_all, wins, plots, notes, floor, out_dir)
+    order_lines = _order_section(results, categories, boot, out_dir, plots_dir, written, notes)
+    md = _markdown(title, results, pairs, integrated_all, wins, plots, notes, floor, out_dir, order_lines)
     written["report"] = out_dir / "report.md"
     written["report"].write_text(md, encoding="utf-8")
     written["report_html"] = out_dir / "report.html"
     written["report_html"].write_text(html_report(md, out_dir, title), encoding="utf-8")
     return written
+
+
+def plot_orders(orders: pd.DataFrame, combo: str, setting_key: str, criterion: str, results: pd.DataFrame,
+                path: Path) -> Path | None:
+    """A k-step combo's criterion against the sweep for each of its k! orders; the band spans best to worst."""
+    sel = orders[(orders["combo"] == combo) & (orders["setting_key"] == setting_key)
+                 & (orders["criterion"] == criterion)].sort_values("sweep_value", kind="stable")
+    if sel.empty or sel["kappa_best"].isna().all():
+        return None
+    has_x = sel["sweep_value"].notna().all()
+    xs = sel["sweep_value"].astype(float).tolist() if has_x else list(range(len(sel)))
+    by_comp = results.set_index("composition")[criterion]
+    members = sel["members"].iloc[0].split("+")
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=100)
+    try:
+        for i, order in enumerate(itertools.permutations(members)):
+            ys = [float(by_comp.get(json.loads(c)[i], math.nan)) for c in sel["compositions"]]
+            ax.plot(xs, ys, marker="os^vD<>p"[i % 8], linewidth=1, label=" > ".join(order))
+        ax.fill_between(xs, sel["kappa_worst"].astype(float), sel["kappa_best"].astype(float), alpha=0.15,
+                        color="tab:gray", label="best to worst order")
+        crit = CRITERIA[criterion]
+        ax.set_xlabel(sel["sweep_param"].iloc[0] if (sel["sweep_param"].iloc[0] and has_x) else "(no sweep)")
+        ax.set_ylabel(f"{crit.label} ({'higher' if crit.higher_is_better else 'lower'} is better)", fontsize=8)
+        setting = sel["setting"].iloc[0]
+        ax.set_title(combo + ("" if setting == "default" else f" [{setting}]"), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _order_section(
+    results: pd.DataFrame,
+    categories: Mapping[str, Any] | None,
+    boot: Bootstrap | None,
+    out_dir: Path,
+    plots_dir: Path,
+    written: dict[str, Path],
+    notes: list[str],
+) -> list[str]:
+    """Composability of every combo of k >= 3 steps over all its orders: CSVs, plots, Markdown lines."""
+    from shared.orders import integrated_order_table, order_table
+    from shared.uncertainty import (integrated_order_draws, integrated_orders_with_intervals, order_draws,
+                                    orders_with_intervals)
+
+    sizes = sorted({int(n) for n in results["n_steps"] if int(n) >= 3})
+    if not sizes:
+        return []
+    orders = order_table(results, categories, sizes=sizes)
+    notes += orders.attrs.get("notes", [])
+    lines = [f"## Composability over all orders (k = {', '.join(map(str, sizes))})", "",
+             "For k interventions in all k! orders: OFE = 1 - max over orders, OS = max - min over orders "
+             "(criterion mapped to higher-is-better; for k = 2 these are the pair metrics above).", ""]
+    if orders.empty:
+        return lines + ["_No set of k >= 3 interventions was evaluated in all its orders._", ""]
+    integrated = integrated_order_table(orders)
+    draws = None
+    if boot is not None:
+        draws = (order_draws(orders, boot), integrated_order_draws(integrated, orders, boot))
+        orders = orders_with_intervals(orders, boot)
+        integrated = integrated_orders_with_intervals(integrated, orders, boot)
+    written["composability_orders"] = out_dir / "composability_orders.csv"
+    orders.to_csv(written["composability_orders"], index=False)
+    written["composability_orders_integrated"] = out_dir / "composability_orders_integrated.csv"
+    integrated.to_csv(written["composability_orders_integrated"], index=False)
+    for (combo, skey), grp in orders.groupby(["combo", "setting_key"], sort=False):
+        setting = grp["setting"].iloc[0]
+        lines += [f"### {combo}" + ("" if setting == "default" else f" ({setting})"), ""]
+        param = grp["sweep_param"].iloc[0] or "sweep"
+        view = pd.DataFrame({
+            param: grp["sweep_value"].map(_fmt_sweep),
+            "criterion": grp["criterion"],
+            "best order": [f"{o} ({_fmt(v)})" for o, v in zip(grp["best_order"], grp["kappa_best"])],
+            "worst order": [f"{o} ({_fmt(v)})" for o, v in zip(grp["worst_order"], grp["kappa_worst"])],
+            "OFE": _ci_cells(grp, "order_free_error"),
+            "OS": _ci_cells(grp, "order_sensitivity"),
+        })
+        lines += [markdown_table(view), ""]
+        suffix = f"__s{list(dict.fromkeys(orders[orders['combo'] == combo]['setting_key'])).index(skey) + 1}"
+        for crit in dict.fromkeys(grp["criterion"]):
+            name = f"{_slug(combo)}{suffix}__{crit}__orders.png"
+            path = plot_orders(orders, combo, skey, crit, results, plots_dir / name)
+            if path is not None:
+                written[f"plots/{name}"] = path
+                lines += [f"![{combo} {crit}]({path.relative_to(out_dir).as_posix()})", ""]
+    if integrated["integrated_order_free_error"].notna().any():
+        lines += ["### Integrated over the sweep", "", markdown_table(pd.DataFrame({
+            "combo": integrated["combo"], "setting": integrated["setting"], "criterion": integrated["criterion"],
+            "OFE (integrated)": _ci_cells(integrated, "integrated_order_free_error"),
+            "OS (integrated)": _ci_cells(integrated, "integrated_order_sensitivity"),
+        })), ""]
+    # wins: methods of one category against the same other members
+    if categories:
+        basis, table, table_draws = (("integrated", integrated, draws[1] if draws else None)
+                                     if integrated["integrated_order_free_error"].notna().any()
+                                     else ("per setting", orders, draws[0] if draws else None))
+        methods = {m for members in orders["members"] for m in members.split("+")}
+        for cat, group in category_groups(methods, categories).items():
+            if len(group) < 2:
+                continue
+            try:
+                wins = wins_table(table, group)
+            except ValueError as exc:
+                notes.append(f"k-step wins for {cat} not counted: {exc}")
+                continue
+            values = wins.drop(columns=[WINS_COLUMN])
+            if not (values.notna().sum() >= 2).any():
+                continue
+            view = wins.reset_index()
+            unc = wins_uncertainty(table, table_draws, group, boot) if (table_draws is not None and boot) else None
+            if unc is not None:
+                view[WINS_COLUMN] = [f"{int(n)} [{lo:g}, {hi:g}]" for n, lo, hi in
+                                     zip(wins[WINS_COLUMN], unc.wins_lo.reindex(wins.index),
+                                         unc.wins_hi.reindex(wins.index))]
+            lines += [f"### # Wins among {cat} ({basis}, k >= 3)", "", markdown_table(view, {WINS_COLUMN: str}), ""]
+    return lines
 
 
 _HTML_STYLE = """
@@ -580,6 +704,7 @@ def _markdown(
     notes: list[str],
     floor: tuple[str, float] | None,
     out_dir: Path,
+    order_lines: list[str] | None = None,
 ) -> str:
     n_base = int((results["n_steps"] == 0).sum())
     n_single = int((results["n_steps"] == 1).sum())
@@ -685,6 +810,8 @@ def _markdown(
                     view[col] = [_fmt(v) if _fmt(v) == "n/a" else f"{_fmt(v)} ({100 * p:.0f} %)"
                                  for v, p in zip(table[col], unc.share[col].reindex(table.index))]
             lines += [f"### {group} ({basis})", "", markdown_table(view, {WINS_COLUMN: str}), ""]
+
+    lines += order_lines or []
 
     # plots
     lines += ["## Plots", ""]

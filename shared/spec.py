@@ -116,14 +116,22 @@ class CompositionSpec(BaseModel):
       -> both orders; 3 -> 6 orders).
     * ``cross``: every ordered pair (i, j) with i and j from different ``groups``
       (the paper's editor x compressor studies), both orders.
+    * ``subsets``: every order of every set of ``sizes`` interventions (e.g.
+      ``[2, 3]``: all pairs and all triples, each in all its orders); with
+      ``groups``, a set takes at most one member of each group.  Shared
+      prefixes are computed once, as always.
     Each intervention alone and the base model are always included unless
     switched off.  ``recompress`` is the re-compression policy (see
     :func:`shared.planner.with_recompression`).
     """
 
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["permutations", "cross"] = "permutations"
+    mode: Literal["permutations", "cross", "subsets"] = "permutations"
     groups: list[list[str]] = Field(default_factory=list)
+    sizes: list[int] = Field(
+        default_factory=list,
+        description="mode 'subsets': the sizes of the intervention sets to run in all their orders, e.g. [2, 3]",
+    )
     recompress: Literal["reapply", "reproject", "none"] = Field(
         "reapply",
         description="when a compressor precedes an edit or unlearning step: 'reapply' runs the same "
@@ -242,9 +250,23 @@ class ExperimentSpec(BaseModel):
                 f"interventions: names must be unique, got {names}; give repeated methods a distinct 'label'"
             )
         comp = self.compositions
-        if comp.mode == "cross":
-            if len(comp.groups) < 2:
-                raise ValueError("compositions.groups: mode 'cross' needs at least two groups")
+        if comp.mode == "subsets":
+            if not comp.sizes:
+                raise ValueError("compositions.sizes: mode 'subsets' needs the set sizes to run, e.g. [2, 3]")
+            limit = len(comp.groups) if comp.groups else len(names)
+            for size in comp.sizes:
+                if not 2 <= size <= limit:
+                    raise ValueError(f"compositions.sizes: {size} is not between 2 and {limit} "
+                                     f"(the number of {'groups' if comp.groups else 'interventions'})")
+            if len(set(comp.sizes)) != len(comp.sizes):
+                raise ValueError("compositions.sizes: sizes must not repeat")
+        elif comp.sizes:
+            raise ValueError("compositions.sizes: only used with mode 'subsets'")
+        if comp.mode == "cross" and len(comp.groups) < 2:
+            raise ValueError("compositions.groups: mode 'cross' needs at least two groups")
+        if comp.groups:
+            if comp.mode == "permutations":
+                raise ValueError("compositions.groups: only used with mode 'cross' or 'subsets'")
             seen: set[str] = set()
             for gi, group in enumerate(comp.groups):
                 for member in group:
@@ -253,8 +275,6 @@ class ExperimentSpec(BaseModel):
                     if member in seen:
                         raise ValueError(f"compositions.groups[{gi}]: {member!r} is in two groups")
                     seen.add(member)
-        elif comp.groups:
-            raise ValueError("compositions.groups: only used with mode 'cross'")
         if comp.mode == "permutations" and len(self.interventions) > 4:
             raise ValueError(
                 f"compositions.mode: 'permutations' of {len(self.interventions)} interventions gives "
@@ -321,6 +341,14 @@ class ExperimentSpec(BaseModel):
         if self.compositions.mode == "permutations":
             if len(names) > 1:
                 out += list(itertools.permutations(names))
+        elif self.compositions.mode == "subsets":
+            group_of = {m: gi for gi, g in enumerate(self.compositions.groups) for m in g}
+            pool = [n for n in names if n in group_of] if group_of else names
+            for size in sorted(self.compositions.sizes):
+                for subset in itertools.combinations(pool, size):
+                    if group_of and len({group_of[m] for m in subset}) < size:
+                        continue
+                    out += list(itertools.permutations(subset))
         else:
             groups = self.compositions.groups
             for ga, gb in itertools.permutations(range(len(groups)), 2):

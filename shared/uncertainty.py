@@ -312,6 +312,64 @@ def integrated_with_intervals(
     return out
 
 
+def order_draws(orders: pd.DataFrame, boot: Bootstrap) -> dict[Any, dict[str, np.ndarray]]:
+    """Resampled k-step OFE and OS of every :func:`shared.orders.order_table` row (by row index)."""
+    out: dict[Any, dict[str, np.ndarray]] = {}
+    for idx, row in orders.iterrows():
+        crit = row["criterion"]
+        per_order = [boot.get(comp, crit) for comp in json.loads(row["compositions"])]
+        if any(d is None for d in per_order):
+            continue
+        mapped = np.stack([_hib_draws(crit, d) for d in per_order])  # [orders, n_boot]
+        best, worst = mapped.max(axis=0), mapped.min(axis=0)
+        out[idx] = {"order_free_error": 1.0 - best, "order_sensitivity": best - worst}
+    return out
+
+
+def orders_with_intervals(orders: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
+    """The k-step table plus ``order_free_error_lo/_hi`` and ``order_sensitivity_lo/_hi``."""
+    draws = order_draws(orders, boot)
+    out = orders.copy()
+    for metric in ("order_free_error", "order_sensitivity"):
+        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
+        at = list(out.columns).index(metric) + 1
+        out.insert(at, metric + LO, [lo for lo, _ in bounds])
+        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
+    return out
+
+
+def integrated_order_draws(integrated: pd.DataFrame, orders: pd.DataFrame, boot: Bootstrap) -> dict[Any, dict[str, np.ndarray]]:
+    """Resampled integrated k-step metrics of every :func:`shared.orders.integrated_order_table` row."""
+    per_row = order_draws(orders, boot)
+    out: dict[Any, dict[str, np.ndarray]] = {}
+    for idx, row in integrated.iterrows():
+        group = orders[(orders["combo"] == row["combo"]) & (orders["setting_key"] == row["setting_key"])
+                       & (orders["criterion"] == row["criterion"])].sort_values("sweep_value", kind="stable")
+        if group.empty or any(i not in per_row for i in group.index):
+            continue
+        xs = group["sweep_value"].astype(float).tolist()
+        entry = {}
+        for metric in ("order_free_error", "order_sensitivity"):
+            area = _trapezoid_draws(xs, np.stack([per_row[i][metric] for i in group.index]),
+                                    (float(row["sweep_min"]), float(row["sweep_max"])))
+            if area is not None:
+                entry["integrated_" + metric] = area
+        if entry:
+            out[idx] = entry
+    return out
+
+
+def integrated_orders_with_intervals(integrated: pd.DataFrame, orders: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
+    draws = integrated_order_draws(integrated, orders, boot)
+    out = integrated.copy()
+    for metric in ("integrated_order_free_error", "integrated_order_sensitivity"):
+        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
+        at = list(out.columns).index(metric) + 1
+        out.insert(at, metric + LO, [lo for lo, _ in bounds])
+        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
+    return out
+
+
 # --------------------------------------------------------------------------- wins
 
 
@@ -388,7 +446,11 @@ __all__ = [
     "WinsUncertainty",
     "bootstrap_criteria",
     "integrated_draws",
+    "integrated_order_draws",
+    "integrated_orders_with_intervals",
     "integrated_with_intervals",
+    "order_draws",
+    "orders_with_intervals",
     "pair_draws",
     "pairs_with_intervals",
     "read_item_records",
