@@ -52,7 +52,7 @@ def with_change(path: str, value) -> dict:
         ("interventions.0.params", {"stepz": 3}, r"interventions\[0\].*params\.stepz"),
         ("model", "builtin:gpt5", r"model: .*unknown built-in model 'builtin:gpt5'"),
         ("evaluation.evaluators", ["edit", "bleu"], r"evaluation\.evaluators: .*unknown evaluator 'bleu'; allowed: edit, utility"),
-        ("compositions.mode", "all", r"compositions\.mode: Input should be 'permutations' or 'cross'"),
+        ("compositions.mode", "all", r"compositions\.mode: Input should be 'permutations', 'cross' or 'subsets'"),
         ("name", "Bad Name!", r"name: String should match pattern"),
         ("colour", "red", r"colour: unknown key \(did you mean 'cluster'\?\)"),
         ("data.num_edits", 0, r"data\.num_edits: .*greater than or equal to 1"),
