@@ -37,7 +37,6 @@ def aggregate(
 
     from components.runtime import read_model
     from shared.execution import aggregate as run
-    from shared.execution import report_key
     from shared.store import open_store
 
     ref = read_model(base_model)
@@ -51,4 +50,4 @@ def aggregate(
         shutil.copyfile(paths["report"], report.path)
         shutil.copyfile(paths["report_html"], report_html.path)
         shutil.copyfile(paths["results"], results.path)
-    return report_key(base_digest, plan, data, options)
+    return paths["report_key"]

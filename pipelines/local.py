@@ -31,7 +31,7 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path, live: bool = 
     """
     import kfp.local
 
-    from shared.execution import base_digest_in_store, report_key
+    from shared.execution import base_digest_in_store, latest_report_key, report_key
     from shared.store import open_store
 
     # kfp.local runs one task at a time: every evaluation may use all cores
@@ -58,7 +58,7 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path, live: bool = 
         spec.data.for_batch(0).model_dump_json(),  # what the aggregator was given
         json.dumps(evaluation_options(spec), sort_keys=True),
     )
-    folder, _ = open_store(store_uri).get_checkpoint(key)
+    folder, _ = open_store(store_uri).get_checkpoint(latest_report_key(store_uri, key))
     report_dir = out_dir / "report"
     if report_dir.exists():
         shutil.rmtree(report_dir)

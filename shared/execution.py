@@ -401,8 +401,14 @@ def aggregate(
 ) -> dict[str, str]:
     """Build the results table and the composability report into ``out_dir``.
 
-    The report is also committed to the store under ``reports/<plan digest>``
-    so that a driver (``lmcompose run``) or a later user can fetch it.
+    The report is also committed to the store under a key that covers what
+    it was built from -- the plan *and* the collected results and per-item
+    scores (:func:`report_content_key`) -- and the plan's pointer
+    (:func:`report_pointer_key`, overwritten each time) names it, so that a
+    driver (``lmcompose run``) or a later user fetches this report.  Keyed by
+    the plan alone, a report built after the data or the code changed would
+    have found the earlier report committed under its key and been dropped.
+    Returns the written paths and, under ``"report_key"``, the report's key.
     """
     from shared.criteria import CRITERIA
     from shared.interventions import available
@@ -420,20 +426,42 @@ def aggregate(
         by_batch.to_csv(Path(out_dir) / "results_by_batch.csv", index=False)
         paths["results_by_batch"] = Path(out_dir) / "results_by_batch.csv"
     store = open_store(store_uri)
-    rkey = report_key(base_digest, plan_json, data_json, options_json)
+    rkey = report_content_key(report_key(base_digest, plan_json, data_json, options_json), Path(out_dir))
     store.put_checkpoint(rkey, Path(out_dir), {"spec_name": plan["spec_name"]})
     try:
         store.get_checkpoint(rkey)  # an earlier copy of this report may have rotted: quarantined, then replaced
     except CorruptCheckpoint:
         store.put_checkpoint(rkey, Path(out_dir), {"spec_name": plan["spec_name"]})
-    return {k: str(v) for k, v in paths.items()}
+    store.put_json(report_pointer_key(report_key(base_digest, plan_json, data_json, options_json)), {"key": rkey})
+    return {**{k: str(v) for k, v in paths.items()}, "report_key": rkey}
 
 
 def report_key(base_digest: str, plan_json: str, data_json: str, options_json: str) -> str:
-    """Store key of the report of one plan (same inputs -> same key)."""
+    """Key of one plan's report *slot*: same plan and inputs -> same key (the pointer names the report in it)."""
     from shared.store import digest_of
 
     return "reports/" + digest_of([base_digest, json.loads(plan_json), json.loads(data_json), json.loads(options_json)])[:40]
+
+
+def report_content_key(plan_report_key: str, folder: Path) -> str:
+    """Store key of a built report: its plan's key and the digest of what it holds (results, items)."""
+    import hashlib
+
+    h = hashlib.sha256(plan_report_key.encode())
+    for name in ("results.csv", "results_by_batch.csv", "items.json"):
+        path = folder / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-"))
+    return f"{plan_report_key}-{h.hexdigest()[:16]}"
+
+
+def report_pointer_key(plan_report_key: str) -> str:
+    """JSON naming the latest report of a plan (overwritten by every aggregation)."""
+    return plan_report_key.replace("reports/", "report-pointers/", 1)
+
+
+def latest_report_key(store_uri: str, plan_report_key: str) -> str:
+    """The key of the latest report built for a plan (KeyError if none was)."""
+    return open_store(store_uri).get_json(report_pointer_key(plan_report_key))["key"]
 
 
 def base_digest_in_store(store_uri: str, model_source: str) -> str:

@@ -78,3 +78,29 @@ def test_evaluation_results_keep_items_and_older_results_without_them_are_recomp
     redone = store.get_json(keys["edit"])
     assert redone["seconds"] >= 0 and "items" in redone
     assert again["edit"] == pytest.approx(out["edit"])
+
+
+def test_a_report_rebuilt_from_changed_results_is_the_one_fetched(tmp_path: Path) -> None:
+    """Reports are keyed by what they hold: same plan, new results -> new key, and the plan's pointer names it.
+
+    (Keyed by the plan alone, the report of a re-run after a data or code change found the earlier report
+    committed under its key and was dropped: the driver fetched the stale one.)
+    """
+    from shared.execution import latest_report_key, report_content_key, report_pointer_key
+    from shared.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    slot = "reports/abc"
+    keys = []
+    for text in ("composition,edit_success\nft,0.5\n", "composition,edit_success\nft,0.9\n"):
+        folder = tmp_path / f"r{len(keys)}"
+        folder.mkdir()
+        (folder / "results.csv").write_text(text)
+        key = report_content_key(slot, folder)
+        store.put_checkpoint(key, folder, {"spec_name": "x"})
+        store.put_json(report_pointer_key(slot), {"key": key})
+        keys.append(key)
+    assert keys[0] != keys[1] and all(k.startswith(slot + "-") for k in keys)
+    assert latest_report_key(str(tmp_path / "store"), slot) == keys[1]
+    folder, _ = store.get_checkpoint(latest_report_key(str(tmp_path / "store"), slot))
+    assert "0.9" in (folder / "results.csv").read_text()
