@@ -191,6 +191,17 @@ def _evaluator_of(criterion: str) -> str:
 # --------------------------------------------------------------------------- tables with intervals
 
 
+def _with_interval_columns(out: pd.DataFrame, draws: Mapping[Any, Mapping[str, np.ndarray]],
+                           metrics: Sequence[str], boot: Bootstrap) -> pd.DataFrame:
+    """Insert ``<metric>_lo`` / ``<metric>_hi`` right after each metric column (rows without draws: NaN)."""
+    for metric in metrics:
+        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
+        at = list(out.columns).index(metric) + 1
+        out.insert(at, metric + LO, [lo for lo, _ in bounds])
+        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
+    return out
+
+
 def results_with_intervals(results: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     """The results table plus ``<criterion>_lo`` / ``<criterion>_hi`` for every criterion with items."""
     out = results.copy()
@@ -239,12 +250,7 @@ def pairs_with_intervals(pairs: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     out = pairs.copy()
     at = list(out.columns).index("order_sensitivity") + 1
     out.insert(at, "order_difference", out["kappa_first_then_second"] - out["kappa_second_then_first"])
-    for metric in ("order_free_error", "order_sensitivity", "order_difference"):
-        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
-        at = list(out.columns).index(metric) + 1
-        out.insert(at, metric + LO, [lo for lo, _ in bounds])
-        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
-    return out
+    return _with_interval_columns(out, draws, ("order_free_error", "order_sensitivity", "order_difference"), boot)
 
 
 def _trapezoid_draws(xs: Sequence[float], ys: np.ndarray, x_range: tuple[float, float]) -> np.ndarray | None:
@@ -304,12 +310,7 @@ def integrated_with_intervals(
     """The integrated table plus ``integrated_order_free_error_lo/_hi`` and ``..._sensitivity_lo/_hi``."""
     draws = integrated_draws(integrated, pairs, boot, floor, results)
     out = integrated.copy()
-    for metric in ("integrated_order_free_error", "integrated_order_sensitivity"):
-        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
-        at = list(out.columns).index(metric) + 1
-        out.insert(at, metric + LO, [lo for lo, _ in bounds])
-        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
-    return out
+    return _with_interval_columns(out, draws, ("integrated_order_free_error", "integrated_order_sensitivity"), boot)
 
 
 def order_draws(orders: pd.DataFrame, boot: Bootstrap) -> dict[Any, dict[str, np.ndarray]]:
@@ -330,12 +331,7 @@ def orders_with_intervals(orders: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame
     """The k-step table plus ``order_free_error_lo/_hi`` and ``order_sensitivity_lo/_hi``."""
     draws = order_draws(orders, boot)
     out = orders.copy()
-    for metric in ("order_free_error", "order_sensitivity"):
-        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
-        at = list(out.columns).index(metric) + 1
-        out.insert(at, metric + LO, [lo for lo, _ in bounds])
-        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
-    return out
+    return _with_interval_columns(out, draws, ("order_free_error", "order_sensitivity"), boot)
 
 
 def integrated_order_draws(integrated: pd.DataFrame, orders: pd.DataFrame, boot: Bootstrap) -> dict[Any, dict[str, np.ndarray]]:
@@ -362,12 +358,7 @@ def integrated_order_draws(integrated: pd.DataFrame, orders: pd.DataFrame, boot:
 def integrated_orders_with_intervals(integrated: pd.DataFrame, orders: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
     draws = integrated_order_draws(integrated, orders, boot)
     out = integrated.copy()
-    for metric in ("integrated_order_free_error", "integrated_order_sensitivity"):
-        bounds = [boot.interval(draws.get(i, {}).get(metric)) for i in out.index]
-        at = list(out.columns).index(metric) + 1
-        out.insert(at, metric + LO, [lo for lo, _ in bounds])
-        out.insert(at + 1, metric + HI, [hi for _, hi in bounds])
-    return out
+    return _with_interval_columns(out, draws, ("integrated_order_free_error", "integrated_order_sensitivity"), boot)
 
 
 # --------------------------------------------------------------------------- wins
