@@ -35,9 +35,11 @@ SUITES = {
         "sparsegpt:sparsity=0.25", "sparsegpt:sparsity=0.5",
         "gptq:bits=8", "gptq:bits=4", "gptq:bits=3", "gptq:bits=2",
         "awq:bits=8", "awq:bits=4", "awq:bits=3",
+        "rtn:bits=8", "rtn:bits=4", "rtn:bits=3",
+        "autoround:bits=4", "autoround:bits=3",
     ],
     "edit": ["none", "ft", "lora", "memit"],
-    "unlearn": ["none", "ga", "gd", "rmu"],
+    "unlearn": ["none", "ga", "gd", "rmu", "npo", "simnpo"],
 }
 
 

@@ -76,13 +76,20 @@ def _check_exact_sparsity(model, record, sparsity: float) -> None:
     assert measure_compression(model, record["compression"])["sparsity"] == pytest.approx(sparsity, abs=0.002)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "gptq", "awq"])
+#: per-method extras on the tiny model (calibration where the method reads it; two AutoRound steps)
+TINY_EXTRA = {"sparsegpt": {"sparsity": 0.5, **TINY_CALIB}, "gptq": TINY_CALIB, "awq": TINY_CALIB, "rtn": {},
+              "autoround": {"iters": 2, "batch_size": 4, **TINY_CALIB}}
+
+
+@pytest.mark.parametrize("method", sorted(TINY_EXTRA))
 def test_compressor_mechanics_on_tiny_model(tiny_dir: Path, method: str) -> None:
     model, tok = load_model(tiny_dir)
     head = model.lm_head.weight.detach().clone()
     impl = get_intervention(method)
-    params = {"sparsity": 0.5} if method == "sparsegpt" else {"bits": 4, "group_size": 64}
-    record = impl.apply(model, tok, impl.parse_params({**params, **TINY_CALIB}), DATA)
+    params = {} if method == "sparsegpt" else {"bits": 4, "group_size": 64}
+    record = impl.apply(model, tok, impl.parse_params({**params, **TINY_EXTRA[method]}), DATA)
+    # the model comes back in the precision it went in (AutoRound tunes in bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.equal(model.lm_head.weight, head)  # the LM head / embeddings stay dense
     # a plain transformers model again: no quantization attributes or wrapped forwards left
     for module in model.modules():
@@ -171,3 +178,19 @@ def test_4bit_quantization_on_grid_and_bounded_perplexity(
     _check_on_grid(model, record)
     ppl = _ppl(model, tok)
     assert base_ppl < ppl < bound * base_ppl, (ppl, base_ppl)
+
+
+def test_rtn_moves_every_weight_to_its_nearest_grid_point(tiny_dir: Path) -> None:
+    """Round-to-nearest: no weight moves more than half a grid step, and some move (the grid is coarse)."""
+    model, tok = load_model(tiny_dir)
+    before = {n: w.detach().clone() for n, w in block_linear_weights(model).items()}
+    impl = get_intervention("rtn")
+    record = impl.apply(model, tok, impl.parse_params({"bits": 3, "group_size": 32}), DATA)
+    assert record["compression"]["num_calibration_samples"] == 0  # data-free
+    state = record["state"]["tensors"]
+    for name, w in block_linear_weights(model).items():
+        scale = state[name.removesuffix(".weight") + ".weight_scale"].abs()  # [out, in / group]
+        step = scale.repeat_interleave(32, dim=1)
+        moved = (w.detach() - before[name]).abs()
+        assert bool((moved <= step / 2 + 1e-6).all()), name
+        assert float(moved.max()) > 0, name

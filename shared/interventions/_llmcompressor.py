@@ -1,6 +1,6 @@
 """Running an llm-compressor recipe on an in-memory model and getting a plain model back.
 
-All four compressors (Wanda, SparseGPT, GPTQ, AWQ) go through
+Every compressor (Wanda, SparseGPT, GPTQ, AWQ, RTN, AutoRound) goes through
 ``llmcompressor.oneshot``.  It is built to produce a checkpoint for an inference
 engine; this project needs the opposite -- an ordinary dense transformers
 model that a later edit or unlearning step can train.  This module holds the
@@ -145,9 +145,38 @@ def run_oneshot(model: Any, tokenizer: Any, recipe: Any, params: CalibratedParam
     The calibration windows are cut from ``texts`` and handed over already
     tokenized, so llm-compressor never loads a dataset or a tokenizer itself.
     """
+    dataset = calibration_dataset(tokenizer, texts, params.num_calibration_samples, params.calibration_seq_len)
+    seconds = _oneshot_in_place(
+        model,
+        tokenizer,
+        recipe,
+        dataset=dataset,
+        num_calibration_samples=len(dataset),
+        max_seq_length=params.calibration_seq_len,
+        shuffle_calibration_samples=False,
+        batch_size=1,
+    )
+    return {
+        "num_calibration_samples": len(dataset),
+        "calibration_seq_len": params.calibration_seq_len,
+        "oneshot_seconds": seconds,
+    }
+
+
+def run_data_free(model: Any, tokenizer: Any, recipe: Any) -> dict[str, Any]:
+    """Run a recipe that needs no calibration data (round-to-nearest weight quantization) in place.
+
+    llm-compressor infers its ``DataFreePipeline`` when no dataset is given;
+    the record says so with zero calibration windows.
+    """
+    seconds = _oneshot_in_place(model, tokenizer, recipe)
+    return {"num_calibration_samples": 0, "calibration_seq_len": 0, "oneshot_seconds": seconds}
+
+
+def _oneshot_in_place(model: Any, tokenizer: Any, recipe: Any, **oneshot_kwargs: Any) -> float:
+    """``oneshot`` on ``model`` with the workarounds above, always leaving a plain model; returns seconds."""
     from llmcompressor import oneshot
 
-    dataset = calibration_dataset(tokenizer, texts, params.num_calibration_samples, params.calibration_seq_len)
     was_training = model.training
     hooks_before = _hook_count(model)
     model.eval()
@@ -155,16 +184,7 @@ def run_oneshot(model: Any, tokenizer: Any, recipe: Any, params: CalibratedParam
     failed = True
     try:
         with _loadable_config_path(model), _no_pinned_memory_without_accelerator():
-            oneshot(
-                model=model,
-                tokenizer=tokenizer,
-                recipe=recipe,
-                dataset=dataset,
-                num_calibration_samples=len(dataset),
-                max_seq_length=params.calibration_seq_len,
-                shuffle_calibration_samples=False,
-                batch_size=1,
-            )
+            oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **oneshot_kwargs)
         failed = False
     finally:
         try:
@@ -175,8 +195,4 @@ def run_oneshot(model: Any, tokenizer: Any, recipe: Any, params: CalibratedParam
             # the step fails with llm-compressor's own error; a cleanup problem after it would hide it
             log.warning("cleanup after the failed llm-compressor run: %s", cleanup_error)
         model.train(was_training)
-    return {
-        "num_calibration_samples": len(dataset),
-        "calibration_seq_len": params.calibration_seq_len,
-        "oneshot_seconds": round(time.perf_counter() - start, 2),
-    }
+    return round(time.perf_counter() - start, 2)

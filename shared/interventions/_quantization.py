@@ -1,6 +1,6 @@
-"""What GPTQ and AWQ share: bit width and group parameters, the group-size check, the record.
+"""What the quantizers (GPTQ, AWQ, RTN, AutoRound) share: the grid parameters, the group-size check, the record.
 
-Both quantize the weights of every Linear layer inside the transformer blocks
+Each quantizes the weights of every Linear layer inside the transformer blocks
 to signed integers with one scale (and, asymmetric, one zero point) per output
 row and group of ``group_size`` input columns -- GPTQ symmetric and AWQ
 asymmetric by default, as in the paper.  The result is kept dense: each weight is replaced by its
@@ -18,11 +18,12 @@ from pydantic import Field
 
 from shared.compression_state import grid_distance, quantization_args, snap_and_strip_quantized
 from shared.interventions._llmcompressor import CalibratedParams
+from shared.interventions.base import InterventionParams
 from shared.models import block_linear_weights
 
 
-class QuantizationParams(CalibratedParams):
-    """Grid of a quantization step (the allowed ``bits`` are set per method)."""
+class GridParams(InterventionParams):
+    """Grid of a quantization step (the allowed ``bits`` are set per method); no calibration data."""
 
     bits: int = Field(4, description="bits per weight")
     group_size: int | None = Field(
@@ -41,6 +42,10 @@ class QuantizationParams(CalibratedParams):
         from compressed_tensors.quantization import QuantizationScheme
 
         return QuantizationScheme(targets=["Linear"], weights=quantization_args(self.bits, self.group_size, self.symmetric))
+
+
+class QuantizationParams(GridParams, CalibratedParams):
+    """Grid and calibration of a quantization step that reads calibration text (GPTQ, AWQ, AutoRound)."""
 
 
 def check_group_size(group_size: int | None, input_widths: Iterable[int]) -> None:
@@ -66,7 +71,7 @@ def model_input_widths(model: Any) -> set[int]:
     return {int(w.shape[1]) for w in block_linear_weights(model).values()}
 
 
-def finish_quantization(method: str, model: Any, params: QuantizationParams, facts: dict[str, Any]) -> dict[str, Any]:
+def finish_quantization(method: str, model: Any, params: GridParams, facts: dict[str, Any]) -> dict[str, Any]:
     """Snap the model onto its grid, strip the quantization wrappers, and build the step's record."""
     tensors = snap_and_strip_quantized(model)
     layers = len([k for k in tensors if k.endswith(".weight_scale")])

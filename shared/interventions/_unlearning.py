@@ -117,3 +117,20 @@ def layer_parameters(model: Any, layers: list[int], with_final_norm: bool) -> di
     if with_final_norm:
         out.update({n: p for n, p in model.named_parameters() if n.startswith("model.norm.")})
     return out
+
+
+def sequence_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per document: summed next-token negative log-likelihood over its non-padding tokens, and their count.
+
+    The preference-style unlearners (NPO, SimNPO) score whole responses,
+    ``-log pi(y|x)`` = the summed NLL, rather than the token mean of :func:`lm_loss`.
+    """
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].to(device)
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    counted = labels != -100
+    return (per_token * counted).sum(dim=1), counted.sum(dim=1)

@@ -51,8 +51,8 @@ from shared.interventions.base import Category, Intervention, InterventionParams
 log = logging.getLogger(__name__)
 
 
-class GAParams(InterventionParams):
-    """Hyperparameters of gradient-ascent unlearning (defaults: built-in SmolLM2-135M)."""
+class ForgetTrainingParams(InterventionParams):
+    """What every loss-based unlearner here shares: trained layers, optimizer steps, document batches."""
 
     layers: list[int] | None = Field(
         None, description="decoder layers to train (0-based); null = the upper half, as in the paper"
@@ -68,13 +68,6 @@ class GAParams(InterventionParams):
     )
     seq_len: int = Field(256, ge=8, le=32_768, description="tokens per document (longer ones are truncated)")
     seed: int = Field(0, description="seed of the document order")
-    forget_loss_cap: float | None = Field(
-        None,
-        gt=0,
-        le=1000,
-        description="clamp each forget token's loss at this many nats before ascending it (null: no cap, "
-        "the paper's plain ascent); a capped token stops pushing, so ascent cannot run away",
-    )
 
     @field_validator("layers")
     @classmethod
@@ -84,6 +77,18 @@ class GAParams(InterventionParams):
         if not v:
             raise ValueError("layers must name at least one layer (or be null for the upper half)")
         return layer_indices(v)
+
+
+class GAParams(ForgetTrainingParams):
+    """Hyperparameters of gradient-ascent unlearning (defaults: built-in SmolLM2-135M)."""
+
+    forget_loss_cap: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="clamp each forget token's loss at this many nats before ascending it (null: no cap, "
+        "the paper's plain ascent); a capped token stops pushing, so ascent cannot run away",
+    )
 
 
 def gradient_unlearning(
