@@ -14,7 +14,6 @@ from shared.interventions import Category, get_intervention
 from shared.interventions._unlearning import lm_loss, sequence_nll, text_batches
 from shared.interventions.npo import npo_forget_loss, simnpo_forget_loss
 from shared.models import load_model
-from tests.conftest import utility_and_perplexity
 
 FAST = {"steps": 4, "lr": 1e-3, "seq_len": 64}
 #: the random tiny model already has ~10.8 nats per token on everything; with SimNPO's beta 2.5 the
@@ -90,22 +89,3 @@ def test_raises_the_forget_loss_on_the_upper_half_only_and_is_deterministic(tiny
     model, tok = load_model(tiny_dir)
     with pytest.raises(ValueError, match="out of range"):
         method.apply(model, tok, method.parse_params({**FAST, "layers": [40]}), ExperimentData())
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["npo", "simnpo"])
-def test_unlearns_the_forget_domain_of_smollm2(smollm2_dir: Path, smollm2_quality: dict, name: str) -> None:
-    """Default settings: forget accuracy at least 10 points closer to chance (25 %), utility down by at most 8."""
-    from shared.evaluation import EvalOptions, get_evaluator
-
-    model, tok = load_model(smollm2_dir)
-    data = ExperimentData()
-    forget = get_evaluator("forget")
-    before = forget(model, tok, data, EvalOptions())["forget_acc"]
-    method = get_intervention(name)
-    method.apply(model, tok, method.parse_params(None), data)
-    after = forget(model, tok, data, EvalOptions())["forget_acc"]
-    quality = utility_and_perplexity(model, tok)
-    print(f"{name} smollm2:", before, after, quality)
-    assert (before - 0.25) - (after - 0.25) >= 0.10, (before, after)
-    assert quality["utility_acc"] >= smollm2_quality["utility_acc"] - 0.08, (smollm2_quality, quality)

@@ -25,9 +25,10 @@ accumulation are GA's.
 starts, from the model as it comes in -- the same numbers as the papers'
 frozen copy of the model, without keeping a second copy in memory.
 
-Defaults for the built-in SmolLM2-135M are measured in docs/unlearning.md
-(the papers' settings -- NPO beta 0.1, SimNPO beta 2.5 and gamma 0 -- are
-kept; the learning rate and steps are tuned for this model).
+Defaults: the papers' settings (NPO beta 0.1, SimNPO beta 2.5 and gamma 0,
+retain weight 1) with GD's batches and a learning rate of 1e-4 for the
+built-in model's upper half; they are not yet tuned on the built-in model
+(docs/unlearning.md says what is measured).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 class NPOParams(ForgetTrainingParams):
-    """Hyperparameters of NPO (+ retain loss); defaults tuned on the built-in SmolLM2-135M."""
+    """Hyperparameters of NPO (+ retain loss); the paper's beta, learning rate and steps like GD's (not yet tuned)."""
 
     lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate (the paper: 1e-5 on 7B models)")
     steps: int = Field(20, ge=1, le=100_000, description="optimizer steps (grad_accum forget and retain batches each)")
@@ -59,7 +60,7 @@ class NPOParams(ForgetTrainingParams):
 
 
 class SimNPOParams(NPOParams):
-    """Hyperparameters of SimNPO (+ retain loss); defaults tuned on the built-in SmolLM2-135M."""
+    """Hyperparameters of SimNPO (+ retain loss); the paper's beta and gamma (not yet tuned on the built-in model)."""
 
     beta: float = Field(2.5, gt=0, le=100, description="inverse temperature of the length-normalized loss (the paper: 2.5)")
     gamma: float = Field(0.0, ge=0, le=100, description="reward margin (the paper: 0 on TOFU and WMDP)")
