@@ -252,3 +252,16 @@ def test_quantization_bits_follow_the_paper(method: str, bits: int, ok: bool):
     else:
         with pytest.raises(SpecError, match=r"interventions\[1\]\.sweep\.bits\[0\]: bits must"):
             parse_spec(raw, check_data=False)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "pipelines" / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_local_study_spec_validates_and_plans(path: Path) -> None:
+    """The study specs shipped for this machine (including the triple study of k = 3) are valid and plan."""
+    spec = load_spec(path)
+    plan = build_plan(spec)
+    assert plan.compositions, path.name
+    if path.stem == "edit_unlearn_compress":
+        # every pair in both orders and the triple in all 3! orders, plus singles and the base model
+        sizes = [len(c["names"]) for c in plan.compositions]
+        assert sizes.count(3) == 6 and sizes.count(2) == 6, sizes
