@@ -104,7 +104,8 @@ def test_report_command_matches_the_pipelines_aggregator(tmp_path):
 
     study = Path(__file__).resolve().parents[1] / "docs" / "results" / "edit-x-unlearn"
     title = (study / "report.md").read_text().splitlines()[0].removeprefix("# ")
-    assert main(["report", "--results", str(study / "results.csv"), "--out", str(tmp_path), "--title", title]) == 0
+    items = ["--items", str(study / "items.json")]  # the report carries the bootstrap intervals
+    assert main(["report", "--results", str(study / "results.csv"), "--out", str(tmp_path), "--title", title, *items]) == 0
     assert (tmp_path / "report.md").read_text() == (study / "report.md").read_text()
     assert (tmp_path / "wins.csv").read_text() == (study / "wins.csv").read_text()
     assert "# Wins" in (tmp_path / "report.md").read_text() or "Wins" in (tmp_path / "report.md").read_text()
