@@ -38,7 +38,7 @@ SUITES = {
         "rtn:bits=8", "rtn:bits=4", "rtn:bits=3",
         "autoround:bits=4", "autoround:bits=3",
     ],
-    "edit": ["none", "ft", "lora", "memit"],
+    "edit": ["none", "ft", "lora", "memit", "rome", "alphaedit"],
     "unlearn": ["none", "ga", "gd", "rmu", "npo", "simnpo"],
 }
 

@@ -37,6 +37,7 @@ def aggregate(
 
     from components.runtime import read_model
     from shared.execution import aggregate as run
+    from shared.models import known_num_parameters
     from shared.store import open_store
 
     ref = read_model(base_model)
@@ -46,7 +47,10 @@ def aggregate(
     received = received if isinstance(received, list) else [received]  # one evaluation needs no collect task
     print(f"aggregating: {len(received)} evaluation task result(s) received from this run")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = run(ref.store_uri, base_digest, plan, data, options, tmp)
+        source = meta.get("source", "")
+        model_info = {"source": source, "model_digest": base_digest,
+                      "num_parameters": meta.get("num_parameters") or known_num_parameters(source)}
+        paths = run(ref.store_uri, base_digest, plan, data, options, tmp, model_info=model_info)
         shutil.copyfile(paths["report"], report.path)
         shutil.copyfile(paths["report_html"], report_html.path)
         shutil.copyfile(paths["results"], results.path)

@@ -20,7 +20,6 @@ METHOD = "memit"
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def memit(
     model: Input[Model],
-    layers: List[int] = [3, 4, 5, 6, 7],
     v_steps: int = 25,
     v_lr: float = 0.5,
     v_weight_decay: float = 0.001,
@@ -28,9 +27,10 @@ def memit(
     kl_factor: float = 0.0625,
     kl_template: str = '{} is a',
     v_loss_threshold: float = 0.05,
-    mom2_update_weight: float = 5000.0,
     stats_tokens: int = 8192,
     stats_seq_len: int = 256,
+    layers: List[int] = [3, 4, 5, 6, 7],
+    mom2_update_weight: float = 5000.0,
     edits: str = 'builtin',
     num_edits: int = 10,
     edit_seed: int = 0,
@@ -42,7 +42,6 @@ def memit(
 
     Args:
         model: the model to act on -- the 'model' output of prepare_base or of another intervention.
-        layers: decoder layers whose MLP down_proj is edited (0-based); targets are set at the last
         v_steps: Adam steps of the target-value optimization
         v_lr: Adam learning rate of the target deltas
         v_weight_decay: weight of ||delta||^2 / ||h||^2 in the target-value loss
@@ -50,10 +49,11 @@ def memit(
         kl_factor: weight of the KL term on the essence prompt (kl_template)
         kl_template: essence prompt; '{}' is replaced by the subject
         v_loss_threshold: stop the target optimization once every edit's target NLL is below this
-        mom2_update_weight: lambda: weight of the key covariance C in (lambda C + K K^T)^-1
         stats_tokens: tokens of the retain corpus used for the covariance (fewer if the corpus is
             shorter)
         stats_seq_len: window length of the covariance pass
+        layers: decoder layers whose MLP down_proj is edited (0-based); targets are set at the last
+        mom2_update_weight: lambda: weight of the key covariance C in (lambda C + K K^T)^-1
         edits: zsRE-style edit records: 'builtin', a JSON-lines file or s3://bucket/key
         num_edits: edits per batch
         edit_seed: seed choosing which records form the batches
@@ -68,7 +68,6 @@ def memit(
     from components.runtime import run_intervention
 
     params = dict(
-        layers=layers,
         v_steps=v_steps,
         v_lr=v_lr,
         v_weight_decay=v_weight_decay,
@@ -76,9 +75,10 @@ def memit(
         kl_factor=kl_factor,
         kl_template=kl_template,
         v_loss_threshold=v_loss_threshold,
-        mom2_update_weight=mom2_update_weight,
         stats_tokens=stats_tokens,
         stats_seq_len=stats_seq_len,
+        layers=layers,
+        mom2_update_weight=mom2_update_weight,
     )
     data = dict(
         edits=edits,

@@ -4,6 +4,7 @@
     lmcompose run SPEC [--store URI] [--out DIR]
     lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N]
     lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N]
+    lmcompose compare LABEL=REPORT_DIR LABEL=REPORT_DIR ... --out DIR
     lmcompose findings [RESULTS_DIR] [--out FILE]
     lmcompose report --results FILE [--out DIR] [--items FILE] [--resamples N] [--seed S] [--confidence C]
 
@@ -68,12 +69,26 @@ def _cluster_store_uri(args: argparse.Namespace, spec) -> str:
     return uri
 
 
+def _model_header(spec, one) -> str:
+    """The line introducing one model's part of a multi-model study's output."""
+    return f"== model {one.model}: run {one.name} =="
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from shared.planner import build_plan, format_plan, pipeline_counts
     from shared.spec import load_spec
 
     # listing what a store holds needs every input's digest, so S3 data is fetched then only
     spec = load_spec(args.spec, fetch_remote=bool(args.store))
+    for i, one in enumerate(spec.per_model()):
+        if spec.models:
+            print(("\n" if i else "") + _model_header(spec, one))
+        _plan_one(args, one)
+    return 0
+
+
+def _plan_one(args: argparse.Namespace, spec) -> None:
+    from shared.planner import build_plan, format_plan, pipeline_counts
+
     plan = build_plan(spec)
     done = None
     if args.store:
@@ -108,7 +123,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(format_estimate(estimate(plan, gpus, cost=cost, shards=shards)))
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
-    return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -117,32 +131,38 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     # s3:// data inputs are read by the pipeline's steps, which may see buckets this machine cannot
     spec = load_spec(args.spec, fetch_remote=False)
-    cluster = _cluster(args, spec)
-    if not args.store and not spec.store and args.placement:
-        from shared.cluster import load_store_uri
-
-        args.store = load_store_uri(args.placement)
-    store_uri = _store_uri(args, spec)
-    if not store_uri.startswith("s3://"):
-        print(f"warning: store {store_uri} is a local folder, which cluster tasks cannot see; "
-              "pass --store s3://bucket/prefix for a cluster", file=sys.stderr)
     out = Path(args.output)
-    if cluster.shards > 1 and out.suffix in (".yaml", ".yml", ".json"):
+    if spec.models and out.suffix in (".yaml", ".yml", ".json"):
         raise SpecError(
-            f"cluster.shards: the study is split into {cluster.shards} runs plus an aggregation run; "
+            f"models: the study runs once per model ({', '.join(spec.model_labels())}); "
             f"-o must name a folder for their files, not {args.output}"
         )
-    if cluster.shards > 1 or out.is_dir() or args.output.endswith("/"):
-        try:
-            paths = compile_study(spec, store_uri, str(out), cluster,
-                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
-        except ValueError as exc:
-            raise SpecError(f"cluster.{exc}") from None
-    else:
-        compile_pipeline(spec, store_uri, str(out), cluster)
-        paths = [str(out)]
-    for path in paths:
-        print(f"wrote {path}")
+    for one in spec.per_model():
+        cluster = _cluster(args, one)
+        if not args.store and not one.store and args.placement:
+            from shared.cluster import load_store_uri
+
+            args.store = load_store_uri(args.placement)
+        store_uri = _store_uri(args, one)
+        if not store_uri.startswith("s3://"):
+            print(f"warning: store {store_uri} is a local folder, which cluster tasks cannot see; "
+                  "pass --store s3://bucket/prefix for a cluster", file=sys.stderr)
+        if cluster.shards > 1 and out.suffix in (".yaml", ".yml", ".json"):
+            raise SpecError(
+                f"cluster.shards: the study is split into {cluster.shards} runs plus an aggregation run; "
+                f"-o must name a folder for their files, not {args.output}"
+            )
+        if spec.models or cluster.shards > 1 or out.is_dir() or args.output.endswith("/"):
+            try:
+                paths = compile_study(one, store_uri, str(out), cluster,
+                                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+            except ValueError as exc:
+                raise SpecError(f"cluster.{exc}") from None
+        else:
+            compile_pipeline(one, store_uri, str(out), cluster)
+            paths = [str(out)]
+        for path in paths:
+            print(f"wrote {path}")
     return 0
 
 
@@ -173,15 +193,26 @@ def _kfp_client(args: argparse.Namespace):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from pipelines.builder import compile_study
     from shared.spec import load_spec
 
     spec = load_spec(args.spec, fetch_remote=False)
+    experiment = args.experiment or f"lmcompose-{spec.name}"
+    for one in spec.per_model():  # a multi-model study: one study per model, in the same KFP experiment
+        if spec.models:
+            print(_model_header(spec, one))
+        rc = _submit_one(args, one, experiment)
+        if rc:
+            return rc
+    return 0
+
+
+def _submit_one(args: argparse.Namespace, spec, experiment: str) -> int:
+    import tempfile
+
+    from pipelines.builder import compile_study
+
     cluster = _cluster(args, spec)
     store_uri = _cluster_store_uri(args, spec)
-    experiment = args.experiment or f"lmcompose-{spec.name}"
     with tempfile.TemporaryDirectory() as tmp:
         try:
             paths = compile_study(spec, store_uri, tmp, cluster)
@@ -229,16 +260,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.local import run_local
-    from shared.interventions import available
-    from shared.report import console_table, load_results
     from shared.spec import load_spec
 
     spec = load_spec(args.spec)
-    store_uri = _store_uri(args, spec)
     out = Path(args.out or f"outputs/{spec.name}").resolve()
-    from pipelines.live_view import RunFailed
+    if not spec.models:
+        _run_one(args, spec, out)
+        return 0
+    started = time.time()
+    folders = {}
+    for label, one in zip(spec.model_labels(), spec.per_model()):
+        print(_model_header(spec, one))
+        folders[label] = _run_one(args, one, out / label)
+        print()
+    written = _compare(folders, out / "cross-model", f"Composability across models: {spec.name}")
+    print(f"all {len(folders)} models finished in {time.time() - started:.0f} s")
+    print(f"cross-model report: {written['report']}")
+    return 0
 
+
+def _run_one(args: argparse.Namespace, spec, out: Path) -> Path:
+    """Run one single-model study with kfp.local, print its table; return its report folder."""
+    from pipelines.live_view import RunFailed
+    from pipelines.local import run_local
+    from shared.interventions import available
+    from shared.report import console_table, load_results
+
+    store_uri = _store_uri(args, spec)
     started = time.time()
     try:
         report_dir = run_local(spec, store_uri, out, live=True)
@@ -260,6 +308,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"results: {report_dir / 'results.csv'}")
     print(f"task logs: {out / 'logs'}")
     print(f"output folder: {report_dir}")
+    return report_dir
+
+
+def _compare(folders: dict[str, Path], out: Path, title: str) -> dict[str, Path]:
+    from shared.cross_model import build_cross_model_report, read_model_report
+
+    reports = [read_model_report(label, folder) for label, folder in folders.items()]
+    return build_cross_model_report(reports, out, title=title)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    folders: dict[str, Path] = {}
+    for item in args.reports:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise SpecError(f"compare: expected LABEL=REPORT_FOLDER, got {item!r}")
+        if label in folders:
+            raise SpecError(f"compare: label {label!r} given twice")
+        folders[label] = Path(folder)
+    if len(folders) < 2:
+        raise SpecError("compare: name at least two report folders (LABEL=REPORT_FOLDER ...)")
+    try:
+        written = _compare(folders, Path(args.out), args.title or "Composability across models")
+    except FileNotFoundError as exc:
+        raise SpecError(f"compare: {exc}") from None
+    print(f"cross-model report written to {written['report']}")
     return 0
 
 
@@ -399,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=_confidence, default=DEFAULT_CONFIDENCE,
                    help=f"interval level in (0, 1) (default {DEFAULT_CONFIDENCE})")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare composability across models: one study report folder per model")
+    p.add_argument("reports", nargs="+", metavar="LABEL=REPORT_FOLDER",
+                   help="a model's label and its study report folder (lmcompose run's output folder)")
+    p.add_argument("--out", required=True, help="output folder of the cross-model report")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("findings", help="check the paper's seven findings on study reports (docs/findings.md)")
     p.add_argument("results_dir", nargs="?", default="docs/results",

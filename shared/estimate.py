@@ -59,9 +59,9 @@ class CostTable:
 LLAMA3_8B_A100 = CostTable(
     name="llama3-8b-a100",
     step_s={
-        "ft": 120.0, "lora": 300.0, "memit": 1200.0,
-        "ga": 600.0, "gd": 900.0, "rmu": 1200.0,
-        "wanda": 300.0, "sparsegpt": 900.0, "gptq": 1200.0, "awq": 900.0,
+        "ft": 120.0, "lora": 300.0, "memit": 1200.0, "rome": 1200.0, "alphaedit": 1300.0,
+        "ga": 600.0, "gd": 900.0, "rmu": 1200.0, "npo": 1000.0, "simnpo": 900.0,
+        "wanda": 300.0, "sparsegpt": 900.0, "gptq": 1200.0, "awq": 900.0, "rtn": 120.0, "autoround": 2400.0,
         "reproject": 60.0,
     },
     evaluator_s={"edit": 120.0, "utility": 900.0, "forget": 300.0, "perplexity": 300.0, "compression": 30.0},

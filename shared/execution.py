@@ -88,9 +88,11 @@ def prepare_base(store_uri: str, model_source: str, trust_remote_code: bool = Fa
         materialize_base(model_source, Path(tmp))
         model, tokenizer = load_model(Path(tmp), trust_remote_code=trust_remote_code)
         digest = base_content_digest(model, tokenizer)
+        num_parameters = sum(p.numel() for p in model.parameters())  # tied weights once (the cross-model report's size)
         del model
         key = checkpoint_key(digest, [])
-        store.put_checkpoint(key, Path(tmp), {"source": model_source, "model_digest": digest, "steps": [], "records": []})
+        store.put_checkpoint(key, Path(tmp), {"source": model_source, "model_digest": digest, "steps": [], "records": [],
+                                              "num_parameters": num_parameters})
     store.put_json(alias, {"digest": digest, "source": model_source})
     log.info("base model %s stored as %s", model_source, key)
     return digest, key
@@ -398,8 +400,13 @@ def aggregate(
     options_json: str,
     out_dir: str,
     title: str = "",
+    model_info: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Build the results table and the composability report into ``out_dir``.
+
+    ``model_info`` (the base model's source and parameter count, from its
+    checkpoint) is written as ``model.json`` beside the report, for the
+    cross-model comparison (:mod:`shared.cross_model`).
 
     The report is also committed to the store under a key that covers what
     it was built from -- the plan *and* the collected results and per-item
@@ -422,6 +429,11 @@ def aggregate(
     plan = json.loads(plan_json)
     paths = build_report(results, Path(out_dir), title=title or f"lm-compose report: {plan['spec_name']}",
                          categories=categories, items=item_records)
+    if model_info is not None:
+        from shared.cross_model import MODEL_INFO_FILE
+
+        (Path(out_dir) / MODEL_INFO_FILE).write_text(json.dumps(model_info, indent=1, sort_keys=True) + "\n")
+        paths["model_info"] = Path(out_dir) / MODEL_INFO_FILE
     if plan.get("num_batches", 1) > 1:  # the averaged rows are results.csv; keep what they average
         by_batch.to_csv(Path(out_dir) / "results_by_batch.csv", index=False)
         paths["results_by_batch"] = Path(out_dir) / "results_by_batch.csv"

@@ -124,6 +124,22 @@ _BUILTIN_INPUT_WIDTHS = {"smollm2-135m": {576, 1536}, "tiny-random": {64, 128}}
 _BUILTIN_NUM_LAYERS = {"smollm2-135m": 30, "tiny-random": 4}
 
 
+_BUILTIN_NUM_PARAMETERS = {"smollm2-135m": 134_515_008, "tiny-random": 3_293_760}
+
+
+def known_num_parameters(source: str) -> int | None:
+    """Parameter count (tied weights once) of a built-in model, without loading it; None for other sources.
+
+    Base checkpoints record their count when stored (``num_parameters`` in the
+    manifest); this covers built-in bases stored before that.
+    """
+    try:
+        parsed = parse_source(source)
+    except ModelSourceError:
+        return None
+    return _BUILTIN_NUM_PARAMETERS.get(parsed.name) if parsed.kind == "builtin" else None
+
+
 def known_num_layers(source: str) -> int | None:
     """Number of decoder layers of ``source``'s model, if known without loading it (built-in, local config.json)."""
     parsed = parse_source(source)

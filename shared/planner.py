@@ -176,6 +176,11 @@ def with_recompression(steps: list[dict[str, Any]], policy: str) -> list[dict[st
 
 def build_plan(spec: ExperimentSpec) -> Plan:
     """Expand ``spec`` into compositions and fold them into a prefix tree."""
+    if spec.models:
+        raise ValueError(
+            f"models: a multi-model spec is planned once per model ({', '.join(spec.model_labels())}); "
+            "plan each of spec.per_model()"
+        )
     compositions: list[dict[str, Any]] = []
     if spec.compositions.include_base:
         compositions.append({"names": [], "steps": [], "sweep": None})

@@ -178,6 +178,51 @@ class EvaluationSpec(BaseModel):
         return v
 
 
+def _check_model_source(v: str) -> str:
+    """A model source that can be found: parsed, and a local folder that exists and holds a config."""
+    try:
+        parsed = parse_source(v)
+    except ModelSourceError as exc:
+        raise ValueError(str(exc)) from None
+    if parsed.kind == "local":  # found now, not by the first task
+        folder = Path(parsed.name)
+        if not folder.exists():
+            raise ValueError(f"local model folder {folder} does not exist")
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json in it)")
+    return v
+
+
+def default_model_label(source: str) -> str:
+    """A short name for a model in run names and report columns: ``hf:meta-llama/Meta-Llama-3-8B`` -> ``meta-llama-3-8b``."""
+    parsed = parse_source(source)
+    name = parsed.name.rsplit("/", 1)[-1]
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:24].strip("-") or "model"
+
+
+class ModelEntry(BaseModel):
+    """One base model of a multi-model study (``models:``), with per-model parameter overrides.
+
+    ``params`` maps an intervention's name (its label, else its method) to
+    parameters that replace the spec's for this model only -- e.g. MEMIT's
+    ``layers`` for a model with fewer layers.  Everything else is the spec's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    label: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length=24)
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _check_model_source(v)
+
+    @property
+    def name(self) -> str:
+        return self.label or default_model_label(self.source)
+
+
 class ExperimentSpec(BaseModel):
     """A whole experiment."""
 
@@ -185,6 +230,10 @@ class ExperimentSpec(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length=60)
     description: str = ""
     model: str = "builtin:smollm2-135m"
+    models: list[ModelEntry] = Field(
+        default_factory=list,
+        description="several base models: the study runs once per model and a cross-model report compares them",
+    )
     trust_remote_code: bool = False
     interventions: list[InterventionSpec] = Field(min_length=1)
     compositions: CompositionSpec = Field(default_factory=CompositionSpec)
@@ -230,16 +279,14 @@ class ExperimentSpec(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_source(cls, v: str) -> str:
-        try:
-            parsed = parse_source(v)
-        except ModelSourceError as exc:
-            raise ValueError(str(exc)) from None
-        if parsed.kind == "local":  # found now, not by the first task
-            folder = Path(parsed.name)
-            if not folder.exists():
-                raise ValueError(f"local model folder {folder} does not exist")
-            if not folder.is_dir() or not (folder / "config.json").is_file():
-                raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json in it)")
+        return _check_model_source(v)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_entries(cls, v: Any) -> Any:
+        """``models: [builtin:smollm2-135m, {source: hf:..., params: {...}}]``: plain strings are sources."""
+        if isinstance(v, list):
+            return [{"source": e} if isinstance(e, str) else e for e in v]
         return v
 
     @model_validator(mode="after")
@@ -281,8 +328,52 @@ class ExperimentSpec(BaseModel):
                 f"{len(list(itertools.permutations(names)))} orders; use mode 'cross' with groups"
             )
         self._check_size()
-        self._check_against_model()
+        if self.models:
+            self._check_models()
+        else:
+            self._check_against_model()
         return self
+
+    def _check_models(self) -> None:
+        if "model" in self.model_fields_set:
+            raise ValueError("models: give either 'model' (one base model) or 'models' (several), not both")
+        labels = [m.name for m in self.models]
+        if len(self.models) < 2:
+            raise ValueError("models: a multi-model study needs at least two models; use 'model' for one")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"models: model labels must be unique, got {labels}; give each entry a distinct 'label'")
+        names = [i.name for i in self.interventions]
+        for mi, entry in enumerate(self.models):
+            for target in entry.params:
+                if target not in names:
+                    raise ValueError(f"models[{mi}].params.{target}: not an intervention name; names: {', '.join(names)}")
+            if len(f"{self.name}-{entry.name}") > 60:
+                raise ValueError(f"models[{mi}].label: run name {self.name}-{entry.name} is longer than 60 characters; "
+                                 "give the model a shorter 'label'")
+        for mi in range(len(self.models)):
+            try:
+                self.for_model(mi)
+            except ValidationError as exc:
+                raise ValueError(f"models[{mi}] ({labels[mi]}): {_format_validation_error(exc)}") from None
+
+    def for_model(self, index: int) -> "ExperimentSpec":
+        """The single-model study of ``models[index]``: its source, its parameter overrides, run name ``<name>-<label>``."""
+        entry = self.models[index]
+        raw = self.model_dump(mode="python", exclude={"models"}, exclude_unset=False)
+        raw["model"], raw["name"] = entry.source, f"{self.name}-{entry.name}"
+        raw["description"] = (self.description + " " if self.description else "") + f"[model {entry.name}]"
+        for item in raw["interventions"]:
+            name = item.get("label") or item["method"]
+            if name in entry.params:
+                item["params"] = {**item.get("params", {}), **entry.params[name]}
+        return ExperimentSpec.model_validate(raw)
+
+    def per_model(self) -> list["ExperimentSpec"]:
+        """One single-model spec per entry of ``models`` (the spec itself when it names one model)."""
+        return [self.for_model(i) for i in range(len(self.models))] if self.models else [self]
+
+    def model_labels(self) -> list[str]:
+        return [m.name for m in self.models] if self.models else [default_model_label(self.model)]
 
     def composition_count(self) -> int:
         """Compositions the spec expands into (base included), counted without expanding them."""
@@ -381,6 +472,8 @@ def _format_validation_error(exc: ValidationError) -> str:
         loc, msg = f"{loc}.{head}", rest
     elif sep and not loc and re.fullmatch(r"(interventions\[\d+\]|compositions\.)[\w.\[\]]*", head):
         loc, msg = head, rest
+    elif sep and not loc and re.fullmatch(r"models(\[\d+\][\w.\[\]]*( \([\w-]+\))?)?", head):
+        loc, msg = head, rest
     extra = f" ({len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{loc or 'spec'}: {msg}{extra}"
 
@@ -392,6 +485,8 @@ def _known_keys(where: str) -> list[str]:
     model = models.get(re.sub(r"\[\d+\]$", "", where))
     if model is None and re.fullmatch(r"interventions\.\d+|interventions\[\d+\]", where):
         model = InterventionSpec
+    if model is None and re.fullmatch(r"models\.\d+|models\[\d+\]", where):
+        model = ModelEntry
     return list(model.model_fields) if model is not None else []
 
 

@@ -49,3 +49,12 @@ def test_estimate_bounds_and_cost_table():
     assert r["makespan_h"][1] == pytest.approx(r["gpu_hours"] + 0, rel=0.2)  # one GPU: about the work itself
     with pytest.raises(KeyError, match="no figure for method"):
         LLAMA3_8B_A100.step("not-a-method")
+
+
+def test_default_cost_table_covers_every_registered_method() -> None:
+    """`lmcompose plan --estimate` works for a spec naming any method: the default table has a figure for each."""
+    from shared.estimate import LLAMA3_8B_A100
+    from shared.interventions import available
+
+    missing = sorted(set(available()) - set(LLAMA3_8B_A100.step_s))
+    assert not missing, f"no cost figure for {missing} (shared/estimate.py, docs/cost-model.md)"

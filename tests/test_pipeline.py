@@ -104,22 +104,23 @@ def test_shipped_experiments_plan_and_compile(path, tmp_path):
     from shared.spec import load_spec
 
     spec = load_spec(path)
-    plan = build_plan(spec)
-    out = tmp_path / "p.yaml"
-    compile_pipeline(spec, "s3://bucket/prefix", str(out))
-    pipeline = pipeline_spec_pb2.PipelineSpec()
-    json_format.ParseDict(next(yaml.safe_load_all(out.read_text())), pipeline)
-    tasks = pipeline.root.dag.tasks
-    assert len(tasks) == pipeline_counts(plan)["tasks"]
-    # exactly one evaluation task per evaluated model (and edit batch), fed by an artifact edge from its model
-    evals = [t for t in tasks.values() if re.sub(r"-\d+$", "", t.component_ref.name) == "comp-evaluate"]
-    assert len(evals) == evaluation_tasks(plan)
-    for t in evals:
-        producer = t.inputs.artifacts["model"].task_output_artifact.producer_task
-        assert list(t.dependent_tasks) == [producer]
-    if plan.num_batches == 1:
-        producers = [t.inputs.artifacts["model"].task_output_artifact.producer_task for t in evals]
-        assert len(set(producers)) == len(plan.evaluated_nodes)
+    for one in spec.per_model():  # a multi-model study compiles one pipeline per model
+        plan = build_plan(one)
+        out = tmp_path / f"{one.name}.yaml"
+        compile_pipeline(one, "s3://bucket/prefix", str(out))
+        pipeline = pipeline_spec_pb2.PipelineSpec()
+        json_format.ParseDict(next(yaml.safe_load_all(out.read_text())), pipeline)
+        tasks = pipeline.root.dag.tasks
+        assert len(tasks) == pipeline_counts(plan)["tasks"]
+        # exactly one evaluation task per evaluated model (and edit batch), fed by an artifact edge from its model
+        evals = [t for t in tasks.values() if re.sub(r"-\d+$", "", t.component_ref.name) == "comp-evaluate"]
+        assert len(evals) == evaluation_tasks(plan)
+        for t in evals:
+            producer = t.inputs.artifacts["model"].task_output_artifact.producer_task
+            assert list(t.dependent_tasks) == [producer]
+        if plan.num_batches == 1:
+            producers = [t.inputs.artifacts["model"].task_output_artifact.producer_task for t in evals]
+            assert len(set(producers)) == len(plan.evaluated_nodes)
 
 
 def _pairs(plan) -> set[tuple[str, ...]]:

@@ -259,7 +259,14 @@ def test_quantization_bits_follow_the_paper(method: str, bits: int, ok: bool):
 def test_every_local_study_spec_validates_and_plans(path: Path) -> None:
     """The study specs shipped for this machine (including the triple study of k = 3) are valid and plan."""
     spec = load_spec(path)
-    plan = build_plan(spec)
+    if spec.models:  # a multi-model study plans once per model
+        with pytest.raises(ValueError, match="planned once per model"):
+            build_plan(spec)
+        plans = [build_plan(one) for one in spec.per_model()]
+        assert len(plans) == len(spec.models) >= 2
+        plan = plans[0]
+    else:
+        plan = build_plan(spec)
     assert plan.compositions, path.name
     if path.stem == "edit_unlearn_compress":
         # every pair in both orders and the triple in all 3! orders, plus singles and the base model

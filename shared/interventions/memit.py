@@ -97,9 +97,11 @@ optimization ~13 s (19 steps), spreading ~1 s.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,14 +118,12 @@ log = logging.getLogger(__name__)
 STATS_CORPUS = "retain_corpus"
 
 
-class MEMITParams(InterventionParams):
-    """Hyperparameters of MEMIT (defaults: tuned on the built-in SmolLM2-135M, 10 edits)."""
+class EditTargetParams(InterventionParams):
+    """What the locate-then-edit editors (MEMIT, ROME, AlphaEdit) share: the target-value optimization and the key statistics.
 
-    layers: list[int] = Field(
-        default_factory=lambda: [3, 4, 5, 6, 7],
-        min_length=1,
-        description="decoder layers whose MLP down_proj is edited (0-based); targets are set at the last",
-    )
+    Defaults: tuned for MEMIT on the built-in SmolLM2-135M, 10 edits (module doc).
+    """
+
     v_steps: int = Field(25, ge=1, le=1000, description="Adam steps of the target-value optimization")
     v_lr: float = Field(0.5, gt=0, le=100.0, description="Adam learning rate of the target deltas")
     v_weight_decay: float = Field(
@@ -139,18 +139,10 @@ class MEMITParams(InterventionParams):
     v_loss_threshold: float = Field(
         0.05, ge=0, description="stop the target optimization once every edit's target NLL is below this"
     )
-    mom2_update_weight: float = Field(
-        5000.0, gt=0, description="lambda: weight of the key covariance C in (lambda C + K K^T)^-1"
-    )
     stats_tokens: int = Field(
         8192, ge=64, description="tokens of the retain corpus used for the covariance (fewer if the corpus is shorter)"
     )
     stats_seq_len: int = Field(256, ge=8, le=8192, description="window length of the covariance pass")
-
-    @field_validator("layers")
-    @classmethod
-    def _distinct_non_negative(cls, v: list[int]) -> list[int]:
-        return layer_indices(v)
 
     @field_validator("kl_template")
     @classmethod
@@ -158,6 +150,24 @@ class MEMITParams(InterventionParams):
         if v.count("{}") != 1:
             raise ValueError("kl_template must contain exactly one '{}' (the subject)")
         return v
+
+
+class MEMITParams(EditTargetParams):
+    """Hyperparameters of MEMIT (defaults: tuned on the built-in SmolLM2-135M, 10 edits)."""
+
+    layers: list[int] = Field(
+        default_factory=lambda: [3, 4, 5, 6, 7],
+        min_length=1,
+        description="decoder layers whose MLP down_proj is edited (0-based); targets are set at the last",
+    )
+    mom2_update_weight: float = Field(
+        5000.0, gt=0, description="lambda: weight of the key covariance C in (lambda C + K K^T)^-1"
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_non_negative(cls, v: list[int]) -> list[int]:
+        return layer_indices(v)
 
 
 # ---------------------------------------------------------------- edit positions
@@ -363,7 +373,7 @@ class TargetResult:
     steps: int
 
 
-def optimize_targets(model: Any, tokenizer: Any, sites: list[EditSite], layer: int, params: MEMITParams) -> TargetResult:
+def optimize_targets(model: Any, tokenizer: Any, sites: list[EditSite], layer: int, params: EditTargetParams) -> TargetResult:
     """Stage 1: the residual-stream value ``z = h + δ`` at ``layer``'s output for every edit (see module doc)."""
     n = len(sites)
     device = next(model.parameters()).device
@@ -543,7 +553,7 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
 # ---------------------------------------------------------------- the intervention
 
 
-def stats_windows(tokenizer: Any, texts: list[str], params: MEMITParams) -> list[list[int]]:
+def stats_windows(tokenizer: Any, texts: list[str], params: EditTargetParams) -> list[list[int]]:
     from shared.interventions._calibration import calibration_windows
 
     n = max(1, -(-params.stats_tokens // params.stats_seq_len))
@@ -556,6 +566,50 @@ def stats_windows(tokenizer: Any, texts: list[str], params: MEMITParams) -> list
         out.append(w[:left])
         left -= len(out[-1])
     return out
+
+
+@contextlib.contextmanager
+def frozen_for_editing(model: Any) -> Iterator[None]:
+    """Eval mode and no parameter gradients while an editor works; flags, grads and mode restored after.
+
+    Editors compute with hooks and closed forms, never with the optimizer on
+    the weights, so nothing of their work may stay on the model but the
+    weight update itself.
+    """
+    was_training = model.training
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(saved_flags[n])
+        model.train(was_training)
+
+
+def check_edit_layers(model: Any, layers: list[int], method: str) -> None:
+    num = len(model.model.layers)
+    if max(layers) >= num:
+        raise ValueError(f"{method} layers {layers} out of range: the model has {num} layers")
+
+
+def statistics_record(info: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The ``statistics`` part of an editor's record (where C came from, whether the cache had it)."""
+    return {
+        "corpus": STATS_CORPUS,
+        "tokens": info["tokens"],
+        "cache_hit": info["cache_hit"],
+        "computed_layers": info["computed_layers"],
+        "compute_seconds": info["compute_seconds"],
+        "seconds": round(seconds, 2),
+    }
+
+
+#: solves one layer's update: ``(layer, keys (n, d_in), resid (n, d_out)) -> ΔW (d_out, d_in)``
+LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @register
@@ -571,24 +625,30 @@ class MEMIT(Intervention):
     data_inputs = ("edits", STATS_CORPUS)
     uses_tensor_cache = True
 
+    def layer_solver(self, covs: dict[int, torch.Tensor], params: Any, device: Any) -> tuple[LayerSolver, dict[str, Any]]:
+        """MEMIT's closed form per layer (:func:`memit_update`); subclasses change only this (AlphaEdit).
+
+        Returns the solver and what the record should say about it.
+        """
+        lam = params.mom2_update_weight
+
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            return memit_update(keys, resid, covs[layer].to(device), lam)
+
+        return solve, {}
+
     def apply(
-        self, model: Any, tokenizer: Any, params: MEMITParams, data: Any, cache: TensorCache | None = None
+        self, model: Any, tokenizer: Any, params: Any, data: Any, cache: TensorCache | None = None
     ) -> dict[str, Any]:
         start = time.perf_counter()
         edits = list(data.edits)
         if not edits:
-            raise ValueError("memit needs at least one edit")
+            raise ValueError(f"{self.name} needs at least one edit")
+        check_edit_layers(model, params.layers, self.name)
         blocks = model.model.layers
-        if params.layers[-1] >= len(blocks):
-            raise ValueError(f"memit layers {params.layers} out of range: the model has {len(blocks)} layers")
         layers = params.layers
         last = layers[-1]
-        was_training = model.training
-        saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
+        with frozen_for_editing(model):
             # statistics first: they describe the model as handed in (and cache under its digest)
             t0 = time.perf_counter()
             windows = stats_windows(tokenizer, data.texts(STATS_CORPUS), params)
@@ -603,6 +663,7 @@ class MEMIT(Intervention):
             target_seconds = time.perf_counter() - t0
 
             t0 = time.perf_counter()
+            solve, solver_info = self.layer_solver(covs, params, device)
             z = tr.targets.to(device)
             initial_gap = None
             per_layer = []
@@ -613,7 +674,7 @@ class MEMIT(Intervention):
                     initial_gap = gap.norm(dim=-1)
                 resid = gap / (len(layers) - j)
                 weight = blocks[layer].mlp.down_proj.weight
-                upd = memit_update(keys, resid, covs[layer].to(device), params.mom2_update_weight)
+                upd = solve(layer, keys, resid)
                 with torch.no_grad():
                     weight.add_(upd.to(weight.dtype))
                 per_layer.append(
@@ -626,16 +687,11 @@ class MEMIT(Intervention):
             spread_seconds = time.perf_counter() - t0
             final, nll_after = edited_check(model, tokenizer, sites, last)
             remaining = ((z - final).norm(dim=-1) / initial_gap.clamp_min(1e-12)).mean()
-        finally:
-            for n, p in model.named_parameters():
-                p.grad = None
-                p.requires_grad_(saved_flags[n])
-            model.train(was_training)
         seconds = time.perf_counter() - start
         mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
         record = {
             "edit": {
-                "method": "memit",
+                "method": self.name,
                 "layers": list(layers),
                 "num_edits": len(edits),
                 "modules": [f"model.layers.{i}.mlp.down_proj.weight" for i in layers],
@@ -647,22 +703,16 @@ class MEMIT(Intervention):
                 "residual_remaining": round(float(remaining), 4),
                 "edited_target_loss": round(mean(nll_after), 5),
                 "layers_detail": per_layer,
-                "statistics": {
-                    "corpus": STATS_CORPUS,
-                    "tokens": stats_info["tokens"],
-                    "cache_hit": stats_info["cache_hit"],
-                    "computed_layers": stats_info["computed_layers"],
-                    "compute_seconds": stats_info["compute_seconds"],
-                    "seconds": round(stats_seconds, 2),
-                },
+                **solver_info,
+                "statistics": statistics_record(stats_info, stats_seconds),
                 "target_seconds": round(target_seconds, 2),
                 "spread_seconds": round(spread_seconds, 2),
             },
             "seconds": round(seconds, 2),
         }
         log.info(
-            "memit: %d edits into layers %s, target NLL %.3f -> %.3f (optimized) / %.3f (edited model) in %.1fs",
-            len(edits), layers, record["edit"]["target_loss_initial"], record["edit"]["target_loss_final"],
+            "%s: %d edits into layers %s, target NLL %.3f -> %.3f (optimized) / %.3f (edited model) in %.1fs",
+            self.name, len(edits), layers, record["edit"]["target_loss_initial"], record["edit"]["target_loss_final"],
             record["edit"]["edited_target_loss"], seconds,
         )
         return record
