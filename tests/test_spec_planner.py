@@ -43,7 +43,7 @@ def with_change(path: str, value) -> dict:
 @pytest.mark.parametrize(
     "path,value,expected",
     [
-        ("interventions.0.method", "rome", r"interventions\[0\]\.method: .*unknown method 'rome'; allowed: .*ft.*wanda"),
+        ("interventions.0.method", "grace", r"interventions\[0\]\.method: .*unknown method 'grace'; allowed: .*ft.*wanda"),
         ("interventions.1.sweep", {"sparsity": [0.25, 1.5]}, r"interventions\[1\].*sweep\.sparsity\[1\].*less than 1"),
         ("interventions.1.sweep", {"sparsity": []}, r"sweep\.sparsity: needs at least one value"),
         ("interventions.1.sweep", {"sparsity": [0.5, 0.5]}, r"sweep\.sparsity: values must be distinct"),
