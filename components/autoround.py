@@ -20,12 +20,12 @@ METHOD = "autoround"
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def autoround(
     model: Input[Model],
-    num_calibration_samples: int = 32,
+    num_calibration_samples: int = 16,
     calibration_seq_len: int = 256,
     bits: int = 4,
     group_size: Optional[int] = 64,
     symmetric: bool = True,
-    iters: int = 200,
+    iters: int = 20,
     lr: Optional[float] = None,
     batch_size: int = 8,
     enable_torch_compile: bool = False,
@@ -37,14 +37,14 @@ def autoround(
 
     Args:
         model: the model to act on -- the 'model' output of prepare_base or of another intervention.
-        num_calibration_samples: calibration windows (fewer if the corpus is shorter; the record has
-            the count)
+        num_calibration_samples: calibration windows (fewer if the corpus is shorter; the paper:
+            512)
         calibration_seq_len: tokens per calibration window
         bits: bits per weight
         group_size: input columns sharing a scale and zero point (the paper: 128; SmolLM2's 576-wide
             layers need a divisor such as 64); null = one scale per output row
         symmetric: symmetric grid (AutoRound's default); false adds a zero point
-        iters: sign-gradient steps per decoder block (the paper: 200)
+        iters: sign-gradient steps per decoder block (the paper: 200; 20 on a CPU)
         lr: learning rate of the rounding offsets; null = 1 / iters (the paper)
         batch_size: calibration windows per tuning step
         enable_torch_compile: compile each block for tuning (slower than it saves on a CPU)

@@ -22,7 +22,7 @@ def npo(
     model: Input[Model],
     layers: Optional[List[int]] = None,
     train_final_norm: bool = True,
-    lr: float = 0.0001,
+    lr: float = 5e-05,
     steps: int = 20,
     batch_size: int = 4,
     grad_accum: int = 2,

@@ -194,3 +194,22 @@ def test_rtn_moves_every_weight_to_its_nearest_grid_point(tiny_dir: Path) -> Non
         moved = (w.detach() - before[name]).abs()
         assert bool((moved <= step / 2 + 1e-6).all()), name
         assert float(moved.max()) > 0, name
+
+
+@pytest.mark.slow
+def test_autoround_4bit_beats_round_to_nearest_on_the_same_grid(smollm2_dir: Path, base_ppl: float) -> None:
+    """AutoRound's defaults (20 iterations, 16 windows) land closer to the base model than plain rounding does."""
+    model, tok = load_model(smollm2_dir)
+    rtn = get_intervention("rtn")
+    record = rtn.apply(model, tok, rtn.parse_params({"bits": 4}), DATA)
+    _check_on_grid(model, record)
+    rtn_ppl = _ppl(model, tok)
+    model, tok = load_model(smollm2_dir)
+    autoround = get_intervention("autoround")
+    params = autoround.parse_params({"bits": 4})
+    assert (params.group_size, params.symmetric) == (rtn.parse_params({"bits": 4}).group_size, True)  # the same grid
+    record = autoround.apply(model, tok, params, DATA)
+    _check_on_grid(model, record)
+    ppl = _ppl(model, tok)
+    print("autoround vs rtn, 4 bits:", ppl, rtn_ppl, base_ppl)
+    assert base_ppl < ppl < rtn_ppl, (ppl, rtn_ppl, base_ppl)

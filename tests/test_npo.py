@@ -28,7 +28,8 @@ def test_registry_metadata_and_bad_params() -> None:
         assert set(method.data_inputs) == {"forget_corpus", "retain_corpus"}
         assert all(f.description for f in method.params_model.model_fields.values()), name
     assert get_intervention("npo").parse_params(None).beta == 0.1  # the NPO paper's beta
-    assert get_intervention("simnpo").parse_params(None).beta == 2.5  # the SimNPO paper's beta
+    # the SimNPO paper's 2.5 saturates on long documents (npo.py): tuned to 0.3 on the built-in model
+    assert get_intervention("simnpo").parse_params(None).beta == 0.3
     for name, raw, field in (("npo", {"beta": 0}, "beta"), ("simnpo", {"gamma": -1}, "gamma"),
                              ("npo", {"retain_weight": -1}, "retain_weight")):
         with pytest.raises(pydantic.ValidationError, match=field):
@@ -89,3 +90,29 @@ def test_raises_the_forget_loss_on_the_upper_half_only_and_is_deterministic(tiny
     model, tok = load_model(tiny_dir)
     with pytest.raises(ValueError, match="out of range"):
         method.apply(model, tok, method.parse_params({**FAST, "layers": [40]}), ExperimentData())
+
+
+# ---------------------------------------------------------------- slow: the real built-in model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, forgotten, utility_drop", [("npo", 0.08, 0.08), ("simnpo", 0.10, 0.05)])
+def test_unlearns_the_forget_domain_of_smollm2(
+    name: str, forgotten: float, utility_drop: float, smollm2_dir: Path, smollm2_quality: dict
+) -> None:
+    """The defaults move forget accuracy toward chance (25 %) and keep utility (measured: npo.py's docstring table)."""
+    from shared.evaluation import EvalOptions, get_evaluator
+    from tests.conftest import utility_and_perplexity
+
+    model, tok = load_model(smollm2_dir)
+    data = ExperimentData()
+    forget = get_evaluator("forget")
+    before = forget(model, tok, data, EvalOptions())["forget_acc"]
+    method = get_intervention(name)
+    record = method.apply(model, tok, method.parse_params(None), data)["unlearn"]
+    after = forget(model, tok, data, EvalOptions())["forget_acc"]
+    quality = utility_and_perplexity(model, tok)
+    print(f"{name} smollm2:", before, after, quality, record)
+    assert record["forget_loss_after"] > record["forget_loss_before"]
+    assert before - after >= forgotten, (before, after)
+    assert quality["utility_acc"] >= smollm2_quality["utility_acc"] - utility_drop, (smollm2_quality, quality)

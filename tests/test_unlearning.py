@@ -110,7 +110,10 @@ def test_ga_accumulates_gradients_over_grad_accum_batches(tiny_dir: Path, monkey
         seen.append(id(batch))
         return real_loss(model, batch, cap=cap)
 
-    monkeypatch.setattr(ga_module, "lm_loss", spy)
+    import shared.interventions._unlearning as loop_module
+
+    monkeypatch.setattr(ga_module, "lm_loss", spy)  # the ascent loss of each batch
+    monkeypatch.setattr(loop_module, "lm_loss", spy)  # the before / after losses of the shared loop
     model, tok = load_model(tiny_dir)
     reference, _ = load_model(tiny_dir)
     ga.apply(model, tok, params, ExperimentData())

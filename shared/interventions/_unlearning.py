@@ -1,4 +1,4 @@
-"""Shared pieces of the unlearning methods (GA, GD, RMU): corpus batches, masked LM loss, trainable subsets.
+"""Shared pieces of the unlearning methods: corpus batches, masked LM loss, trainable subsets, the training loop.
 
 The paper's unlearners train on documents of a forget corpus (and, for GD and
 RMU, a retain corpus), a few documents per batch, each truncated to a fixed
@@ -12,7 +12,7 @@ tokens).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -134,3 +134,76 @@ def sequence_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     ).view(labels.shape)
     counted = labels != -100
     return (per_token * counted).sum(dim=1), counted.sum(dim=1)
+
+
+#: a forget loss: ``(index of the batch, the batch) -> loss to descend`` (GA: minus the LM loss)
+ForgetLoss = Callable[[int, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def forget_training(
+    method: str,
+    model: Any,
+    tokenizer: Any,
+    params: Any,
+    data: Any,
+    forget_loss: ForgetLoss,
+    retain_weight: float = 0.0,
+    prepare: Callable[[list[dict[str, torch.Tensor]]], None] | None = None,
+) -> dict[str, Any]:
+    """The training loop every loss-based unlearner shares (GA, GD, NPO, SimNPO); only the forget loss differs.
+
+    Builds ``steps x grad_accum`` forget batches (and as many retain batches
+    when ``retain_weight`` > 0), trains the chosen layers (``params.layers``,
+    default the upper half, plus the final norm) with Adam on
+    ``forget_loss(i, forget[i]) + retain_weight * NLL(retain[i])``, averaged
+    over the ``grad_accum`` batches of a step.  ``prepare(forget_batches)``
+    runs once, without gradients, on the model as it comes in (NPO's reference
+    likelihoods).  Returns the record: what was trained, the LM losses of the
+    first forget / retain batch before and after.
+    """
+    import time
+
+    layers = params.layers if params.layers is not None else upper_half(model)
+    check_layers(model, layers, method)
+    micro_batches = params.steps * params.grad_accum
+    forget = text_batches(tokenizer, data.texts("forget_corpus"), params.batch_size, params.seq_len, micro_batches, params.seed)
+    retain = (
+        text_batches(tokenizer, data.texts("retain_corpus"), params.batch_size, params.seq_len, micro_batches, params.seed + 1)
+        if retain_weight > 0
+        else []
+    )
+    trained = layer_parameters(model, layers, params.train_final_norm)
+    start = time.perf_counter()
+    with only_trainable(model, trained):
+        with torch.no_grad():
+            if prepare is not None:
+                prepare(forget)
+            forget_before = float(lm_loss(model, forget[0]))
+            retain_before = float(lm_loss(model, retain[0])) if retain else None
+        optimizer = torch.optim.Adam(list(trained.values()), lr=params.lr)
+        for step in range(params.steps):
+            optimizer.zero_grad(set_to_none=True)
+            # gradient accumulation: the mean of grad_accum batches' losses, one batch in memory at a time
+            for micro in range(step * params.grad_accum, (step + 1) * params.grad_accum):
+                loss = forget_loss(micro, forget[micro])
+                if retain:
+                    loss = loss + retain_weight * lm_loss(model, retain[micro])
+                (loss / params.grad_accum).backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            forget_after = float(lm_loss(model, forget[0]))
+            retain_after = float(lm_loss(model, retain[0])) if retain else None
+    seconds = time.perf_counter() - start
+    return {
+        "unlearn": {
+            "method": method,
+            "layers": layers,
+            "trained_parameters": int(sum(p.numel() for p in trained.values())),
+            "forget_loss_before": round(forget_before, 4),
+            "forget_loss_after": round(forget_after, 4),
+            "retain_loss_before": None if retain_before is None else round(retain_before, 4),
+            "retain_loss_after": None if retain_after is None else round(retain_after, 4),
+        },
+        "seconds": round(seconds, 2),
+    }

@@ -31,21 +31,12 @@ Differences from the reference code, on purpose:
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-import torch
 from pydantic import Field, field_validator
 
 from shared.interventions import register
-from shared.interventions._unlearning import (
-    check_layers,
-    layer_parameters,
-    lm_loss,
-    only_trainable,
-    text_batches,
-    upper_half,
-)
+from shared.interventions._unlearning import forget_training, lm_loss
 from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
 
 log = logging.getLogger(__name__)
@@ -100,49 +91,14 @@ def gradient_unlearning(
     averaged over ``grad_accum`` batches whose gradients are accumulated.
     Returns the record: losses before and after on the first batches, what was trained.
     """
-    layers = params.layers if params.layers is not None else upper_half(model)
-    check_layers(model, layers, method)
-    micro_batches = params.steps * params.grad_accum
-    forget = text_batches(tokenizer, data.texts("forget_corpus"), params.batch_size, params.seq_len, micro_batches, params.seed)
-    retain = (
-        text_batches(tokenizer, data.texts("retain_corpus"), params.batch_size, params.seq_len, micro_batches, params.seed + 1)
-        if retain_weight > 0
-        else []
+    record = forget_training(
+        method, model, tokenizer, params, data,
+        forget_loss=lambda _i, batch: -lm_loss(model, batch, cap=params.forget_loss_cap),
+        retain_weight=retain_weight,
     )
-    trained = layer_parameters(model, layers, params.train_final_norm)
-    start = time.perf_counter()
-    with only_trainable(model, trained):
-        with torch.no_grad():
-            forget_before = float(lm_loss(model, forget[0]))
-            retain_before = float(lm_loss(model, retain[0])) if retain else None
-        optimizer = torch.optim.Adam(list(trained.values()), lr=params.lr)
-        for step in range(params.steps):
-            optimizer.zero_grad(set_to_none=True)
-            # gradient accumulation: the mean of grad_accum batches' losses, one batch in memory at a time
-            for micro in range(step * params.grad_accum, (step + 1) * params.grad_accum):
-                loss = -lm_loss(model, forget[micro], cap=params.forget_loss_cap)
-                if retain:
-                    loss = loss + retain_weight * lm_loss(model, retain[micro])
-                (loss / params.grad_accum).backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            forget_after = float(lm_loss(model, forget[0]))
-            retain_after = float(lm_loss(model, retain[0])) if retain else None
-    seconds = time.perf_counter() - start
-    log.info("%s: forget loss %.3f -> %.3f in %.1fs", method, forget_before, forget_after, seconds)
-    return {
-        "unlearn": {
-            "method": method,
-            "layers": layers,
-            "trained_parameters": int(sum(p.numel() for p in trained.values())),
-            "forget_loss_before": round(forget_before, 4),
-            "forget_loss_after": round(forget_after, 4),
-            "retain_loss_before": None if retain_before is None else round(retain_before, 4),
-            "retain_loss_after": None if retain_after is None else round(retain_after, 4),
-        },
-        "seconds": round(seconds, 2),
-    }
+    u = record["unlearn"]
+    log.info("%s: forget loss %.3f -> %.3f in %.1fs", method, u["forget_loss_before"], u["forget_loss_after"], record["seconds"])
+    return record
 
 
 @register
