@@ -22,7 +22,7 @@ def simnpo(
     model: Input[Model],
     layers: Optional[List[int]] = None,
     train_final_norm: bool = True,
-    lr: float = 5e-05,
+    lr: float = 0.0001,
     steps: int = 20,
     batch_size: int = 4,
     grad_accum: int = 2,

@@ -29,15 +29,15 @@ Defaults, tuned on the built-in SmolLM2-135M (``benchmarks/interventions.py
 --suite unlearn``; base: forget 0.727, utility 0.767, perplexity 29.6; GD's
 batches, 20 steps x 2, retain weight 1):
 
-=========================  ======  =======  ==========
-setting                    forget  utility  perplexity
-=========================  ======  =======  ==========
-NPO beta 0.1, lr 1e-4      0.531   0.684    59.0
-**NPO beta 0.1, lr 5e-5**  0.617   0.714    46.5
-SimNPO beta 2.5 (paper)    0.719   0.820    23.6
-SimNPO beta 1.0            0.711   0.812    24.7
-**SimNPO beta 0.3**        0.570   0.774    52.4
-=========================  ======  =======  ==========
+===============================  ======  =======  ==========
+setting                          forget  utility  perplexity
+===============================  ======  =======  ==========
+NPO beta 0.1, lr 1e-4            0.531   0.684    59.0
+**NPO beta 0.1, lr 5e-5**        0.617   0.714    46.5
+SimNPO beta 2.5 (paper), lr 1e-4 0.719   0.820    23.6
+SimNPO beta 1.0, lr 1e-4         0.711   0.812    24.7
+**SimNPO beta 0.3, lr 1e-4**     0.570   0.774    52.4
+===============================  ======  =======  ==========
 
 NPO keeps the paper's beta; at lr 1e-4 it costs 8 utility points, at 5e-5
 it forgets 11 points for 5.  SimNPO's loss is the *mean* token NLL (about 3
@@ -80,6 +80,7 @@ class NPOParams(ForgetTrainingParams):
 class SimNPOParams(NPOParams):
     """Hyperparameters of SimNPO (+ retain loss); beta tuned on the built-in model, the paper's gamma."""
 
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate (the paper: 1e-5 on 7B models)")
     beta: float = Field(
         0.3, gt=0, le=100,
         description="inverse temperature of the length-normalized loss (the paper: 2.5 on TOFU, saturated on long documents)",
