@@ -22,6 +22,7 @@ before it existed) leave that model out of the plots, with a note.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,13 +166,15 @@ def build_cross_model_report(reports: list[ModelReport], out_dir: str | Path, ti
               ignore_index=True).to_csv(csv, index=False)
     written: dict[str, Path] = {"cross_model": csv}
     lines = [f"# {title or 'Composability across models'}", "",
-             "One study per base model; the same compositions, settings and data. Cells: the order-free error "
-             "(OFE = 1 - the better order's value, on the higher-is-better scale) and below it the order "
-             "sensitivity (OS = the gap between orders), as in each model's own report. Lower is better for both.",
+             "One study per base model; the same compositions, settings and data. Per criterion two tables: the "
+             "order-free error (OFE = 1 - the best order's value, on the higher-is-better scale) and the order "
+             "sensitivity (OS = best minus worst order), as in each model's own report; lower is better for both. "
+             "k = 2 rows are pairs, k >= 3 rows combos over all their orders.",
              "", "| model | source | parameters | report |", "|---|---|---|---|"]
     for r in reports:
+        where = Path(os.path.relpath(r.folder.resolve(), out.resolve())).as_posix()
         lines.append(f"| {r.label} | {r.source or '–'} | {f'{r.num_parameters:,}' if r.num_parameters else 'unknown'} "
-                     f"| {r.folder} |")
+                     f"| [{where}]({where}/report.md) |")
     lines.append("")
     unsized = [r.label for r in reports if not r.num_parameters]
     if unsized:

@@ -137,7 +137,7 @@ def test_cross_model_table_and_report(tmp_path: Path) -> None:
 
     written = build_cross_model_report([small, large], tmp_path / "xm", title="t")
     text = written["report"].read_text()
-    assert "| small | src-a | 1,000,000 |" in text and "| large | src-b | 8,000,000 |" in text
+    assert "| small | src-a | 1,000,000 | [../a](../a/report.md) |" in text and "| large | src-b | 8,000,000 |" in text
     assert "| 2 | memit+gptq | default | – | 0.200 | 0.100 |" in text
     assert "| 2 | memit+wanda | default | – | 0.400 | – |" in text
     for criterion in ("edit_success", "utility_acc"):
