@@ -204,6 +204,7 @@ def test_autoround_4bit_beats_round_to_nearest_on_the_same_grid(smollm2_dir: Pat
     record = rtn.apply(model, tok, rtn.parse_params({"bits": 4}), DATA)
     _check_on_grid(model, record)
     rtn_ppl = _ppl(model, tok)
+    assert base_ppl < rtn_ppl < 1.5 * base_ppl, (rtn_ppl, base_ppl)  # RTN's own bound (measured 40.5 vs 29.6)
     model, tok = load_model(smollm2_dir)
     autoround = get_intervention("autoround")
     params = autoround.parse_params({"bits": 4})
