@@ -13,10 +13,11 @@ def evaluate(
     model: Input[Model],
     metrics: Output[Metrics],
     evaluators: List[str] = ["edit", "utility", "forget", "perplexity", "compression"],
-    edits: str = "builtin",
-    num_edits: int = 10,
-    edit_seed: int = 0,
-    edit_batch: int = 0,
+    edits: str = "",
+    num_edits: int = -1,
+    edit_seed: int = -1,
+    edit_batch: int = -1,
+    edits_from: str = "recipe",
     utility_mcq: str = "builtin",
     forget_mcq: str = "builtin",
     perplexity: str = "builtin",
@@ -31,10 +32,13 @@ def evaluate(
     Args:
         model: the model to evaluate -- the 'model' output of prepare_base or of an intervention.
         evaluators: any of edit, utility, forget, perplexity, compression.
-        edits: zsRE-style edit records: 'builtin', a JSON-lines file or s3://bucket/key.
-        num_edits: edits per batch (as given to the editing step).
-        edit_seed: seed choosing which records form the batches (as given to the editing step).
-        edit_batch: the edit batch to score (as given to the editing step).
+        edits: zsRE-style edit records: 'builtin', a JSON-lines file or s3://bucket/key; empty = the records the
+            model's editing step used ('builtin' for a model never edited).
+        num_edits: edits per batch; -1 = as the model's editing step applied (10 for a model never edited).
+        edit_seed: seed choosing which records form the batches; -1 = as the editing step (0 if none).
+        edit_batch: the edit batch to score; -1 = as the editing step (0 if none).
+        edits_from: 'recipe' (default): score the edits the model received, refusing a selection above that
+            differs; 'explicit': score the selection given above on purpose.
         utility_mcq: 4-choice utility questions: 'builtin', a file, s3://... or lm-eval:mmlu.
         forget_mcq: 4-choice forget-domain questions: 'builtin', a file, s3://... or lm-eval:wmdp_bio,wmdp_cyber.
         perplexity: held-out text for perplexity: 'builtin', a file or s3://bucket/key.
@@ -56,5 +60,5 @@ def evaluate(
     data = dict(edits=edits, num_edits=num_edits, edit_seed=edit_seed, edit_batch=edit_batch,
                 utility_mcq=utility_mcq, forget_mcq=forget_mcq, perplexity=perplexity)
     options = dict(batch_size=batch_size, limit=limit, max_length=max_length, dtype=dtype, mcq_format=mcq_format)
-    results = run_evaluation(model, evaluators, data, options, metrics)
+    results = run_evaluation(model, evaluators, data, options, metrics, edits_from)
     return namedtuple("Outputs", ["results"])(results)

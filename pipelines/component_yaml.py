@@ -6,7 +6,7 @@ Other pipelines reuse lm-compose's components without importing this project::
     wanda = components.load_component_from_file("components/yaml/wanda.yaml")
 
 One file per component -- every intervention, ``evaluate`` and every single
-evaluator, ``prepare_base``, ``collect_results`` and ``aggregate`` -- named after the component's Python function
+evaluator, ``prepare_base``, ``export``, ``collect_results`` and ``aggregate`` -- named after the component's Python function
 (``wanda.yaml``, ``evaluate_perplexity.yaml``, ``prepare_base.yaml``).
 
 The image a component names is read from the environment when
@@ -48,11 +48,12 @@ def all_components() -> dict[str, Any]:
     from components.aggregate import aggregate
     from components.collect_results import collect_results
     from components.evaluate import evaluate
+    from components.export import export
     from components.prepare_base import prepare_base
 
     out: dict[str, Any] = {}
     for comp in [*intervention_components().values(), *evaluator_components().values(), evaluate, prepare_base,
-                 collect_results, aggregate]:
+                 export, collect_results, aggregate]:
         name = comp.python_func.__name__
         if name in out and out[name] is not comp:
             raise ValueError(f"two components are both named {name!r}")

@@ -33,6 +33,9 @@ log = logging.getLogger("lmcompose")
 
 #: the data fields that select the edit batch (given with ``edits``)
 EDIT_SELECTION = ("num_edits", "edit_seed", "edit_batch")
+#: how ``evaluate_model`` chooses the edits it scores: ``recipe`` (the default) takes the selection the
+#: model's editing step applied and refuses a different explicit one; ``explicit`` scores the given one
+EDITS_FROM = ("recipe", "explicit")
 
 
 class ParameterError(ValueError):
@@ -100,15 +103,31 @@ def _check_data_readable(data: ExperimentData, names: tuple[str, ...] | list[str
             load_field(name, getattr(data.config, name))
 
 
-def prepare_base_model(model_source: str, store_uri: str = "", trust_remote_code: bool = False) -> tuple[ModelRef, dict[str, Any]]:
-    """Put the base model into the store (once); its reference and artifact metadata."""
+def prepare_base_model(model_source: str, store_uri: str = "", trust_remote_code: bool = False,
+                       display_source: str = "") -> tuple[ModelRef, dict[str, Any]]:
+    """Put the base model into the store (once); its reference and artifact metadata.
+
+    ``display_source`` is what the artifact's metadata names as the source
+    (e.g. the URI of an input ``Model`` artifact, where ``model_source`` is
+    the pod-local path it was downloaded to).  A folder's identity is its
+    content, so the stored checkpoint may have been made from the same
+    content under another name; the metadata names the source of *this* call.
+    """
     from shared.execution import prepare_base
 
     uri = default_store_uri(store_uri)
     _digest, key = prepare_base(uri, model_source, trust_remote_code)
     ref = ModelRef(uri, key)
     manifest = _manifest(ref)
-    return ref, artifact_metadata(ref, manifest)
+    metadata = artifact_metadata(ref, manifest)
+    metadata["base_source"] = display_source or model_source
+    return ref, metadata
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face model folder (a ``config.json`` in it) rather than a model reference."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "model.json").is_file()
 
 
 def _manifest(ref: ModelRef) -> dict[str, Any]:
@@ -160,8 +179,15 @@ def evaluate_model(
     evaluators: list[str],
     data_fields: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    edits_from: str = "recipe",
 ) -> dict[str, dict[str, float]]:
     """Evaluate one checkpoint with several evaluators, loading it at most once.
+
+    The edit evaluator scores the edits the model's editing step applied
+    (:func:`resolve_edit_selection`): ``data_fields`` values of ``None`` for
+    ``edits``/``num_edits``/``edit_seed``/``edit_batch`` take the recipe's,
+    and a given value that selects other edits is refused unless
+    ``edits_from="explicit"``.
 
     Results are stored under the same content-addressed keys as
     the aggregator recomputes (:func:`shared.execution.evaluation_config`);
@@ -186,8 +212,11 @@ def evaluate_model(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ParameterError(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
-    data = data_for(data_fields or {})
     store = open_store(model.store_uri)
+    fields = dict(data_fields or {})
+    if "edit" in evaluators:
+        fields = resolve_edit_selection(store, model, fields, edits_from)
+    data = data_for(fields)
     keys = {e: result_key(model.key, e, evaluation_config(e, data, options)) for e in dict.fromkeys(evaluators)}
     out: dict[str, dict[str, float]] = {}
     todo = []
@@ -214,6 +243,83 @@ def evaluate_model(
         for evaluator in todo:  # computed here or by a concurrent runner
             out.setdefault(evaluator, store.get_json(keys[evaluator])["criteria"])
     return {e: out[e] for e in keys}
+
+
+def _recipe_edit_selection(store: Any, key: str) -> dict[str, Any] | None:
+    """The data selection of the newest editing step along ``key``'s lineage, from the checkpoints' recipes."""
+    from shared.interventions import get_intervention
+
+    seen: set[str] = set()
+    while key and key not in seen:
+        seen.add(key)
+        recipe = store.checkpoint_meta(key).get("recipe")
+        if not isinstance(recipe, dict):
+            return None
+        step = recipe.get("step") or {}
+        try:
+            reads_edits = "edits" in get_intervention(step.get("method", "")).data_inputs
+        except Exception:  # noqa: BLE001 - a method this version does not know: look further up
+            reads_edits = False
+        if reads_edits:
+            data = recipe.get("data") or {}
+            return {"method": step["method"], **{k: data.get(k) for k in ("edits", *EDIT_SELECTION)}}
+        key = recipe.get("parent", "")
+    return None
+
+
+def resolve_edit_selection(store: Any, model: ModelRef, fields: dict[str, Any], edits_from: str = "recipe") -> dict[str, Any]:
+    """The data fields the edit evaluator of ``model`` uses: the edits the model received, unless asked otherwise.
+
+    Why: an edit metric computed on other records than the ones applied is a
+    wrong number that looks right (4 edits applied, 10 scored: success 0.4
+    instead of 1.0).  Every checkpoint records the data digest of each step
+    (``steps[i].data.edits``) and how it was made (``recipe``), so:
+
+    * unset fields (``None``) take the values of the model's editing step;
+    * a given value is checked against the step: if the selection it makes is
+      not the one applied, the evaluation is refused in one line, unless
+      ``edits_from="explicit"`` (scoring other edits on purpose, e.g. locality
+      of unrelated facts);
+    * a model with no editing step uses the given values (or the defaults);
+      a model whose steps applied several different selections must say
+      which to score (``edits_from="explicit"``).
+    """
+    if edits_from not in EDITS_FROM:
+        raise ParameterError(f"edits_from: must be one of {', '.join(EDITS_FROM)} (got {edits_from!r})")
+    names = ("edits", *EDIT_SELECTION)
+    given = {k: fields[k] for k in names if fields.get(k) is not None}
+    out = {k: v for k, v in fields.items() if k not in names}
+    if edits_from == "explicit":
+        return {**out, **given}
+    steps = store.checkpoint_meta(model.key).get("steps", [])
+    applied = [(s.get("method", "?"), s["data"]["edits"]) for s in steps if "edits" in (s.get("data") or {})]
+    if not applied:
+        return {**out, **given}
+    digests = {d for _m, d in applied}
+    if len(digests) > 1:
+        raise ParameterError(
+            f"edits_from: the model's steps applied {len(digests)} different edit selections "
+            f"({', '.join(m for m, _d in applied)}); set edits_from='explicit' and the selection to score"
+        )
+    recipe = _recipe_edit_selection(store, model.key)
+    if recipe is None:
+        if set(given) != set(names):
+            raise ParameterError(
+                "edits: the model's checkpoints do not record which edits were applied (made before recipes were "
+                "kept); give edits, num_edits, edit_seed and edit_batch as used by the editing step"
+            )
+        recipe = {"method": applied[-1][0]}
+    method = recipe.pop("method")
+    resolved = {**{k: v for k, v in recipe.items() if v is not None}, **given}
+    if data_for(resolved).digest("edits") != applied[-1][1]:
+        differs = [f"{k}={given[k]!r}" for k in names if k in given and k in recipe and given[k] != recipe[k]]
+        applied_text = ", ".join(f"{k}={recipe[k]!r}" for k in names if k in recipe)
+        raise ParameterError(
+            f"{' '.join(differs) or 'the edit selection'}: the model's {method} step applied other edits "
+            f"({applied_text}); leave the selection unset to score the applied edits, or set edits_from='explicit' "
+            "to score another selection on purpose"
+        )
+    return {**out, **resolved}
 
 
 def result_is_complete(store: Any, key: str, evaluator: str) -> bool:
@@ -260,3 +366,85 @@ def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[s
             store.put_json(keys[evaluator], document)
             log.info("evaluated %s with %s: %s", model.key, evaluator, criteria)
             out[evaluator] = criteria
+
+
+#: what ``export_model`` writes: ``auto`` (packed when the model is quantized and on its grid, else dense),
+#: ``dense`` (float safetensors) or ``pack-quantized`` (compressed-tensors; quantized models only)
+EXPORT_FORMATS = ("auto", "dense", "pack-quantized")
+#: provenance file written into every exported folder (plain JSON; transformers ignores it)
+PROVENANCE_FILE = "lm_compose.json"
+
+
+def validated_export_format(export_format: str) -> str:
+    if export_format not in EXPORT_FORMATS:
+        raise ParameterError(f"export_format: must be one of {', '.join(EXPORT_FORMATS)} (got {export_format!r})")
+    return export_format
+
+
+def export_model(model: ModelRef, dest: str | Path, export_format: str = "auto") -> dict[str, Any]:
+    """Write the checkpoint ``model`` as a Hugging Face folder at ``dest``; return the output artifact's metadata.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained(dest)``:
+    dense safetensors + config + tokenizer, or compressed-tensors'
+    ``pack-quantized`` format for a quantized model (transformers unpacks it
+    through its compressed-tensors integration).  A quantized model whose
+    weights left their grid (a later step changed them) cannot be packed
+    without changing it: ``auto`` writes it dense and says so; ``pack-quantized``
+    refuses it.  The metadata carries the composition, every step and the
+    compression state; ``lm_compose.json`` in the folder carries the same for
+    readers outside Kubeflow.
+    """
+    import json
+    import shutil
+
+    from shared.compression_state import STATE_FILE, grid_distance, grid_layers, load_state
+    from shared.execution import verified_checkpoint
+    from shared.export import GRID_TOLERANCE, export_compressed, folder_bytes
+    from shared.store import MANIFEST, VERIFIED_STAMP
+
+    validated_export_format(export_format)
+    store = open_store(model.store_uri)
+    folder, manifest = verified_checkpoint(store, model.key)
+    tensors, args = load_state(folder)
+    quantized = bool(grid_layers(tensors))
+    note = ""
+    if export_format == "pack-quantized" and not quantized:
+        raise ParameterError(f"export_format: 'pack-quantized' needs a quantized model; {model.key} is not "
+                             "(use 'dense' or 'auto')")
+    packed = False
+    if quantized and export_format != "dense":
+        if export_format == "auto":
+            from shared.models import load_model
+
+            loaded, _tok = load_model(folder)
+            distance = grid_distance(loaded, tensors, args)
+            del loaded
+            if distance > GRID_TOLERANCE:
+                note = (f"weights are up to {distance:.3g} away from their recorded quantization grid (a step after "
+                        "the quantization changed them): written dense")
+                log.warning("export of %s: %s", model.key, note)
+        if not note:
+            export_compressed(folder, dest)  # refuses an off-grid model
+            packed = True
+    dest = Path(dest)
+    if not packed:
+        dest.mkdir(parents=True, exist_ok=True)
+        skip = {MANIFEST, VERIFIED_STAMP, STATE_FILE}
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if path.is_file() and rel.as_posix() not in skip:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, dest / rel)
+    meta = {k: v for k, v in artifact_metadata(model, manifest).items() if k not in ("lmcompose_format", "store", "key")}
+    meta.update({
+        "export_format": "pack-quantized" if packed else "dense",
+        "exported_from_store": model.store_uri,
+        "exported_from_key": model.key,
+        "weights_bytes": folder_bytes(dest),
+    })
+    if note:
+        meta["export_note"] = note
+    provenance = {"lm_compose": meta, "compression": manifest["meta"].get("compression"),
+                  "records": manifest["meta"].get("records", [])}
+    (dest / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True, default=str) + "\n")
+    return meta

@@ -9,6 +9,8 @@ Three kinds of model source are accepted (see :func:`parse_source`):
 * ``builtin:tiny-random`` -- a four-layer random Llama with SmolLM2's tokenizer, for
   fast pipeline tests.  Deterministic (seeded) so its digest is stable.
 * a local Hugging Face folder (``/path/to/model`` or ``file:/path``), safetensors only.
+* ``s3://bucket/prefix`` -- a Hugging Face folder kept in an S3-compatible bucket
+  (credentials from the environment, as for the store).
 * ``hf:org/name[@revision]`` -- a hub id; cluster use only (the default path never
   touches the network).
 
@@ -23,6 +25,7 @@ import json
 import importlib.util
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ class ModelSourceError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A parsed model source.  ``kind`` is one of builtin, local, hub."""
+    """A parsed model source.  ``kind`` is one of builtin, local, s3, hub."""
 
     kind: str
     name: str
@@ -77,6 +80,20 @@ def parse_source(source: str) -> ModelSource:
         if not name or name.count("/") != 1:
             raise ModelSourceError(f"hub model must look like 'hf:org/name[@revision]', got {source!r}")
         return ModelSource("hub", name, rev or None)
+    if source.startswith("s3://"):
+        from shared.store import StoreError, check_store_uri
+
+        try:
+            check_store_uri(source.rstrip("/"))
+        except StoreError as exc:
+            raise ModelSourceError(f"model folder {exc}") from None
+        if not source[5:].strip("/").count("/"):
+            raise ModelSourceError(f"an S3 model folder must look like 's3://bucket/prefix', got {source!r}")
+        return ModelSource("s3", source.rstrip("/"))
+    if "://" in source and not source.startswith("file:"):
+        raise ModelSourceError(
+            f"unsupported model source {source!r}: use builtin:..., hf:org/name, s3://bucket/prefix or a local folder"
+        )
     path = source[5:] if source.startswith("file:") else source
     return ModelSource("local", str(Path(path).expanduser().resolve()))
 
@@ -100,11 +117,14 @@ def gguf_path() -> Path:
 
 
 def source_identity(source: str) -> str:
-    """A cheap identity of the *source* (not its content) used to key the base-model cache.
+    """The identity of a source's *content*, used to key the base-model alias in the store.
 
-    For the built-in GGUF it is the GGUF's sha256, so a new package version is a
-    new cache entry; the tokenizer version is part of it too, so a corrected
-    tokenizer is a new entry (whose base digest differs: it covers the tokenizer).
+    For the built-in GGUF it is the GGUF's sha256 (and the tokenizer cache
+    version), so a new package version is a new entry.  A local folder or an
+    S3 prefix is identified by the hashes of its files
+    (:mod:`shared.folder_identity`): replacing its weights in place makes it a
+    new base model, never the stored old one.  A hub id with a revision names
+    fixed content; without one it names whatever the hub serves (cluster use).
     """
     parsed = parse_source(source)
     if parsed.kind == "builtin":
@@ -114,7 +134,14 @@ def source_identity(source: str) -> str:
         return f"builtin-tiny-random-v1-{tok}-{file_sha256(gguf_path())[:16]}"
     if parsed.kind == "hub":
         return "hub-" + hashlib.sha256(str(parsed).encode()).hexdigest()[:16]
-    return "local-" + hashlib.sha256(parsed.name.encode()).hexdigest()[:16]
+    from shared.folder_identity import local_folder_identity, s3_prefix_identity
+
+    try:
+        if parsed.kind == "s3":
+            return "s3-content-" + s3_prefix_identity(parsed.name)[:32]
+        return "local-content-" + local_folder_identity(parsed.name)[:32]
+    except FileNotFoundError as exc:
+        raise ModelSourceError(str(exc)) from None
 
 
 #: input widths of the block Linear layers of the built-in models (hidden size, MLP width)
@@ -306,14 +333,15 @@ def materialize_base(source: str, dest: Path) -> None:
         else:
             _build_tiny_random(dest)
         return
+    if parsed.kind == "s3":
+        from shared.folder_identity import download_s3_folder
+
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+            download_s3_folder(parsed.name, Path(tmp))
+            _store_local_folder(Path(tmp), dest, source)
+        return
     if parsed.kind == "local":
-        src = Path(parsed.name)
-        if not src.is_dir():
-            raise ModelSourceError(f"local model folder {src} does not exist")
-        if not any(src.glob("*.safetensors")):
-            raise ModelSourceError(f"{src} holds no *.safetensors files (only safetensors are accepted)")
-        model, tok = load_model(src, dtype=step_dtype())
-        save_model(model, tok, dest)
+        _store_local_folder(Path(parsed.name), dest, source)
         return
     from huggingface_hub import snapshot_download
 
@@ -323,6 +351,18 @@ def materialize_base(source: str, dest: Path) -> None:
         allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"],
     )
     model, tok = load_model(Path(snap), dtype=step_dtype())
+    save_model(model, tok, dest)
+
+
+def _store_local_folder(src: Path, dest: Path, source: str) -> None:
+    """Load a Hugging Face folder (safetensors only) and save it at ``dest`` in the store's float format."""
+    if not src.is_dir():
+        raise ModelSourceError(f"model folder {source} does not exist")
+    if not (src / "config.json").is_file():
+        raise ModelSourceError(f"{source} is not a Hugging Face model folder (no config.json in it)")
+    if not any(src.glob("*.safetensors")):
+        raise ModelSourceError(f"{source} holds no *.safetensors files (only safetensors are accepted)")
+    model, tok = load_model(src, dtype=step_dtype())
     save_model(model, tok, dest)
 
 

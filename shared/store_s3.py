@@ -475,6 +475,25 @@ class S3Store(Store):
                 raise
         return int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')
 
+    def list_prefix(self) -> list[tuple[str, int, str]]:
+        """``[(name relative to the prefix, size, ETag)]`` of every object under this store's prefix.
+
+        Used for model folders kept in a bucket (``s3://bucket/models/llama``):
+        their identity and their download.  Hidden names and folder markers
+        are skipped.
+        """
+        self._ensure_bucket()
+        start = f"{self.prefix}/" if self.prefix else ""
+        out = []
+        with self._errors(f"list {self.uri}"):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(start):]
+                    if not rel or rel.endswith("/") or any(p.startswith(".") or not p for p in rel.split("/")):
+                        continue
+                    out.append((rel, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+        return sorted(out)
+
     def download_object(self, key: str, dest: Path) -> tuple[int, str]:
         """Download one object to ``dest`` atomically; return its (size, ETag).
 
