@@ -214,3 +214,52 @@ def test_s3_model_folder_is_identified_by_content(tmp_path, cache, hf_folder, s3
     upload()
     changed, _ = prepare_base_model(source, store_uri)
     assert changed != from_s3
+
+
+@pytest.mark.slow
+def test_user_pipeline_hf_folder_in_and_out_from_yaml_files_only(tmp_path, cache, hf_folder):
+    """The docs/components.md example: a user's HF folder in, an HF folder out, lm-compose only through its YAMLs.
+
+    The consumer is a plain third-party-style component (transformers only, no lm-compose import) that loads
+    the exported folder with ``from_pretrained(model.path)`` and generates.
+    """
+    import kfp.local
+    from kfp import dsl
+    from kfp.components import load_component_from_file
+    from kfp.dsl import Input, Model
+
+    from pipelines.component_yaml import DEFAULT_OUT
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def generate(model: Input[Model], prompt: str) -> str:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lm = AutoModelForCausalLM.from_pretrained(model.path)
+        tok = AutoTokenizer.from_pretrained(model.path)
+        ids = tok(prompt, return_tensors="pt")
+        out = lm.generate(**ids, max_new_tokens=4, do_sample=False)
+        zeros = float((lm.model.layers[0].mlp.down_proj.weight == 0).float().mean())
+        return f"{zeros:.3f}|{out.shape[1] - ids['input_ids'].shape[1]}"
+
+    # --- the user's pipeline (docs/components.md): 11 lines ---
+    load = lambda name: load_component_from_file(str(DEFAULT_OUT / f"{name}.yaml"))  # noqa: E731
+    prepare_base, wanda, export = load("prepare_base"), load("wanda"), load("export")
+
+    @dsl.pipeline(name="hf-in-hf-out")
+    def hf_in_hf_out(folder: str, store: str) -> str:
+        mine = dsl.importer(artifact_uri=folder, artifact_class=Model, reimport=False)
+        base = prepare_base(model=mine.output, store_uri=store)
+        pruned = wanda(model=base.outputs["model"], sparsity=0.5, num_calibration_samples=4, calibration_seq_len=32)
+        folder_out = export(model=pruned.outputs["model"])
+        return generate(model=folder_out.outputs["model"], prompt="The capital of France is").output
+    # --- end of the user's pipeline ---
+
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
+                   enable_caching=False)
+    run = hf_in_hf_out(folder=str(hf_folder), store=str(tmp_path / "store"))
+    zeros, new_tokens = run.output.split("|")
+    assert 0.45 < float(zeros) < 0.55 and int(new_tokens) == 4
+    exported = [p for p in (tmp_path / "root").rglob("model") if p.is_dir() and (p / "config.json").is_file()]
+    assert len(exported) == 1 and (exported[0] / "lm_compose.json").is_file()
+    provenance = json.loads((exported[0] / "lm_compose.json").read_text())["lm_compose"]
+    assert provenance["composition"] == "wanda" and provenance["base_source"].endswith("user-model")
