@@ -61,7 +61,7 @@ test-fast: install
 compile: install
 	mkdir -p $(BUILD)
 	$(VENV)/bin/lmcompose compile $(SPEC) -o $(BUILD)/ \
-		$(if $(STORE_URI),--store $(STORE_URI)) $(if $(PLACEMENT),--placement $(PLACEMENT))
+		$(if $(STORE_URI),--store $(STORE_URI),--store s3://lm-compose/store) $(if $(PLACEMENT),--placement $(PLACEMENT))
 
 # `make submit SPEC=... HOST=http://localhost:8080 PLACEMENT=placement.yaml` (README "Run on a cluster")
 submit: install

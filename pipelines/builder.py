@@ -130,6 +130,8 @@ def _apply_placement(task: Any, component: str, family: str, cluster: ClusterCon
     task.set_caching_options(False)
     if s3:
         attach_store_access(task, cluster.s3_secret, cluster.store_config_map)
+    else:  # compiled with --local-store on purpose: every pod mounts the folder (see check_store_for_pods)
+        task.set_env_variable("LMCOMPOSE_ALLOW_LOCAL_STORE", "1")
     if cluster.hf_token_secret:
         kubernetes.use_secret_as_env(task, secret_name=cluster.hf_token_secret, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"})
     if cluster.image_pull_secrets:

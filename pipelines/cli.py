@@ -128,6 +128,7 @@ def _plan_one(args: argparse.Namespace, spec) -> None:
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.builder import compile_pipeline, compile_study
     from shared.spec import load_spec
+    from shared.store import StoreError
 
     # s3:// data inputs are read by the pipeline's steps, which may see buckets this machine cannot
     spec = load_spec(args.spec, fetch_remote=False)
@@ -145,8 +146,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
             args.store = load_store_uri(args.placement)
         store_uri = _store_uri(args, one)
         if not store_uri.startswith("s3://"):
-            print(f"warning: store {store_uri} is a local folder, which cluster tasks cannot see; "
-                  "pass --store s3://bucket/prefix for a cluster", file=sys.stderr)
+            if not args.local_store:
+                raise StoreError(
+                    f"store {store_uri} is a local folder, which tasks in other pods cannot see: pass --store "
+                    "s3://bucket/prefix for a cluster (or --local-store for a folder every pod mounts, e.g. a shared volume)"
+                )
+            print(f"warning: store {store_uri} is a local folder: every task's pod must mount it at this path "
+                  "(--local-store)", file=sys.stderr)
         if cluster.shards > 1 and out.suffix in (".yaml", ".yml", ".json"):
             raise SpecError(
                 f"cluster.shards: the study is split into {cluster.shards} runs plus an aggregation run; "
@@ -440,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", help="cluster placement file: a cluster block, or rendered manifests/ "
                    "holding the lmcompose-placement ConfigMap")
     p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
+    p.add_argument("--local-store", action="store_true",
+                   help="allow a local-folder store (every pod must mount it at the same path; default: refused)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("submit", help="compile a spec and submit it to Kubeflow Pipelines")

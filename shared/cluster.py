@@ -2,8 +2,12 @@
 
 An experiment spec may carry a ``cluster:`` block; a cluster-wide placement
 file (``manifests/`` renders it as the ConfigMap ``lmcompose-placement``)
-may carry the same block.  Both are optional: the defaults below are sized for
-an 8B model in bfloat16 (weights 16 GB) on one 80 GB GPU per task.
+may carry the same block.  Both are optional: the defaults follow the model's size
+(:func:`sized_resources`): a model under a billion parameters runs on CPU
+nodes with a few GiB per task; a larger one -- or one whose size is not known
+at compile time, e.g. a hub model without ``cluster.model_parameters`` -- gets
+the sizing for an 8B model in bfloat16 (weights 16 GB) on one 80 GB GPU per
+task.  ``cluster.accelerator`` overrides the choice (``gpu``/``none``).
 
 Why the settings live here and not in the components: a component is reusable
 in any pipeline and must not hard-code a cluster's node labels; the pipeline
@@ -102,6 +106,40 @@ def _default_resources() -> dict[str, Resources]:
     }
 
 
+#: models below this many parameters run on CPU nodes by default (``accelerator: auto``)
+SMALL_MODEL_PARAMETERS = 1_000_000_000
+#: a small model's task memory as a multiple of its float32 weights, per family or task (then rounded up to GiB):
+#: optimizer state and gradients for unlearning, calibration activations for compression, one load for the rest
+_MEMORY_MULTIPLE = {"default": 8, "edit": 8, "unlearn": 10, "compress": 8, "evaluate": 6,
+                    "evaluate_compression": 4, "prepare_base": 6}
+#: the smallest memory request of a small model's task (the interpreter, torch and transformers alone take ~1 GiB)
+_MIN_MEMORY_GI = 2
+
+
+def sized_resources(num_parameters: int | None, accelerator: str = "auto") -> dict[str, Resources]:
+    """Default resources for a model of ``num_parameters`` parameters (``None``: unknown, sized as large).
+
+    ``accelerator``: ``auto`` puts models under :data:`SMALL_MODEL_PARAMETERS`
+    on CPU nodes, others on one GPU per task; ``gpu`` always asks for GPUs;
+    ``none`` never (memory still follows the model).
+    """
+    large = num_parameters is None or num_parameters >= SMALL_MODEL_PARAMETERS
+    if large or accelerator == "gpu":
+        out = _default_resources()
+        if accelerator == "none":
+            out = {k: r.model_copy(update={"accelerator_count": 0}) for k, r in out.items()}
+        return out
+    weights_gib = num_parameters * 4 / 2**30
+    out = {}
+    for key, multiple in _MEMORY_MULTIPLE.items():
+        memory = max(_MIN_MEMORY_GI, int(-(-weights_gib * multiple // 1)))
+        out[key] = Resources(cpu="2" if key == "evaluate_compression" else "4", memory=f"{memory}Gi",
+                             accelerator_type="nvidia.com/gpu", accelerator_count=0)
+    defaults = _default_resources()
+    out["aggregate"], out["collect_results"] = defaults["aggregate"], defaults["collect_results"]
+    return out
+
+
 class ClusterConfig(BaseModel):
     """The ``cluster`` block of a spec (and of the placement file)."""
 
@@ -124,6 +162,12 @@ class ClusterConfig(BaseModel):
     hf_token_secret: str | None = Field(None, description="Secret with key HF_TOKEN, for gated hub models")
     image_pull_secrets: list[str] = Field(default_factory=list)
     shards: int = Field(1, ge=1, le=1000, description="pipeline runs the study is split into (plus one aggregation run)")
+    accelerator: Literal["auto", "gpu", "none"] = Field(
+        "auto", description="auto: GPUs for models of a billion parameters or more (or of unknown size), CPU nodes "
+        "below; gpu: always; none: CPU nodes only")
+    model_parameters: int | None = Field(
+        None, ge=1, le=10**13, description="the model's parameter count, where compile cannot know it (hub and S3 "
+        "models); sizes the tasks")
 
     @field_validator("node_selector", "cpu_node_selector")
     @classmethod
@@ -205,14 +249,30 @@ def _merge(lower: Any, upper: Any) -> Any:
     return upper
 
 
-def merge_cluster(*layers: dict[str, Any] | None) -> ClusterConfig:
-    """Validate the merged raw ``cluster`` blocks (lowest precedence first) over the defaults."""
-    defaults = ClusterConfig().model_dump(mode="json", exclude_none=True)
-    merged: dict[str, Any] = defaults
+def merge_cluster(*layers: dict[str, Any] | None, num_parameters: int | None = None) -> ClusterConfig:
+    """Validate the merged raw ``cluster`` blocks (lowest precedence first) over the model-sized defaults.
+
+    ``num_parameters`` is the model's size where the caller knows it (built-in
+    models, local folders); a ``model_parameters`` in the blocks wins.  The
+    defaults of ``resources`` follow from it and from ``accelerator``
+    (:func:`sized_resources`); resources given in the blocks override them,
+    except that ``accelerator: none`` removes every GPU request.
+    """
+    merged: dict[str, Any] = {}
     for layer in layers:
         if layer:
             merged = _merge(merged, layer)
-    return ClusterConfig.model_validate(merged)
+    probe = {k: merged[k] for k in ("accelerator", "model_parameters") if k in merged}
+    settings = ClusterConfig.model_validate(probe)  # names a bad accelerator / model_parameters first
+    size = settings.model_parameters or num_parameters
+    defaults = ClusterConfig().model_dump(mode="json", exclude_none=True)
+    defaults["resources"] = {k: r.model_dump(mode="json", exclude_none=True)
+                             for k, r in sized_resources(size, settings.accelerator).items()}
+    config = ClusterConfig.model_validate(_merge(defaults, merged))
+    if config.accelerator == "none":
+        config = config.model_copy(update={"resources": {
+            k: r.model_copy(update={"accelerator_count": 0}) for k, r in config.resources.items()}})
+    return config
 
 
 #: name of the ConfigMap in manifests/ that holds the cluster's placement, and its data key

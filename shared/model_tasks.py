@@ -57,7 +57,32 @@ def default_store_uri(store_uri: str = "") -> str:
     check_store_uri(uri)
     if "://" not in uri:
         uri = str(Path(uri).expanduser().resolve())
+    check_store_for_pods(uri)
     return uri
+
+
+#: set to 1 where every pod mounts a local-folder store at the same path (a shared volume)
+ALLOW_LOCAL_STORE_ENV = "LMCOMPOSE_ALLOW_LOCAL_STORE"
+
+
+def check_store_for_pods(uri: str) -> None:
+    """Refuse a local-folder store in a Kubernetes pod: what one pod writes there, the next pod never sees.
+
+    Without this, a task in a cluster writes its checkpoint to its own pod's
+    disk and the next task fails with an unexplained "checkpoint not found".
+    ``$LMCOMPOSE_ALLOW_LOCAL_STORE=1`` allows it where a shared volume is
+    mounted at the same path in every pod (``lmcompose compile --local-store``
+    sets it on the tasks).
+    """
+    if not os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get(ALLOW_LOCAL_STORE_ENV) == "1":
+        return
+    if uri.startswith("s3://"):
+        return
+    raise ParameterError(
+        f"store_uri: {uri} is a local folder, but this task runs in a Kubernetes pod whose disk no other task sees; "
+        f"pass store_uri='s3://bucket/prefix' (lmcompose --store s3://...), or set {ALLOW_LOCAL_STORE_ENV}=1 if every "
+        "pod mounts this folder"
+    )
 
 
 def data_for(fields: dict[str, Any]) -> ExperimentData:
@@ -151,6 +176,7 @@ def apply_to_model(
 
     method = get_intervention(method_name)
     full = validated_params(method_name, params)
+    check_store_for_pods(parent.store_uri)
     data = data_for({k: v for k, v in (data_fields or {}).items() if k in method.data_inputs or k in EDIT_SELECTION})
     store = open_store(parent.store_uri)
     parent_meta = store.checkpoint_meta(parent.key)
@@ -212,6 +238,7 @@ def evaluate_model(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ParameterError(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
+    check_store_for_pods(model.store_uri)
     store = open_store(model.store_uri)
     fields = dict(data_fields or {})
     if "edit" in evaluators:
@@ -403,6 +430,7 @@ def export_model(model: ModelRef, dest: str | Path, export_format: str = "auto")
     from shared.store import MANIFEST, VERIFIED_STAMP
 
     validated_export_format(export_format)
+    check_store_for_pods(model.store_uri)
     store = open_store(model.store_uri)
     folder, manifest = verified_checkpoint(store, model.key)
     tensors, args = load_state(folder)

@@ -155,16 +155,45 @@ _BUILTIN_NUM_PARAMETERS = {"smollm2-135m": 134_515_008, "tiny-random": 3_293_760
 
 
 def known_num_parameters(source: str) -> int | None:
-    """Parameter count (tied weights once) of a built-in model, without loading it; None for other sources.
+    """Parameter count of ``source``'s model without loading it: built-in models, and local folders (from
+    their safetensors headers, tied weights once); None for hub and S3 sources.
 
     Base checkpoints record their count when stored (``num_parameters`` in the
-    manifest); this covers built-in bases stored before that.
+    manifest); this sizes cluster tasks at compile time.
     """
     try:
         parsed = parse_source(source)
     except ModelSourceError:
         return None
-    return _BUILTIN_NUM_PARAMETERS.get(parsed.name) if parsed.kind == "builtin" else None
+    if parsed.kind == "builtin":
+        return _BUILTIN_NUM_PARAMETERS.get(parsed.name)
+    if parsed.kind == "local":
+        return safetensors_num_parameters(Path(parsed.name))
+    return None
+
+
+def safetensors_num_parameters(folder: Path) -> int | None:
+    """Sum of the tensor sizes in a folder's ``*.safetensors`` headers (no tensor is read); None if there are none.
+
+    A tied LM head is stored once by ``save_pretrained``, so this counts it once, like ``model.parameters()``.
+    """
+    from safetensors import safe_open
+
+    files = [p for p in sorted(Path(folder).glob("*.safetensors")) if p.name != "compression_state.safetensors"]
+    if not files:
+        return None
+    total = 0
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    n = 1
+                    for dim in f.get_slice(name).get_shape():
+                        n *= int(dim)
+                    total += n
+    except Exception:  # noqa: BLE001 - an unreadable header: size unknown (sized as a large model)
+        return None
+    return total
 
 
 def known_num_layers(source: str) -> int | None:

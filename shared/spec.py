@@ -273,8 +273,9 @@ class ExperimentSpec(BaseModel):
     def cluster_config(self, placement: dict[str, Any] | None = None):
         """The validated cluster settings: defaults, then ``placement`` (a cluster-wide file), then this spec's block."""
         from shared.cluster import merge_cluster
+        from shared.models import known_num_parameters
 
-        return merge_cluster(placement, self.cluster)
+        return merge_cluster(placement, self.cluster, num_parameters=known_num_parameters(self.model))
 
     @field_validator("model")
     @classmethod

@@ -50,6 +50,14 @@ class CheckpointNotFound(StoreError):
     """No committed checkpoint under this key."""
 
 
+#: what usually makes a checkpoint a task was handed disappear (appended to CheckpointNotFound's message)
+NOT_FOUND_CAUSES = (
+    "likely causes: the store was emptied after Kubeflow cached the task that made it (compile components with "
+    "task.set_caching_options(False): the store is the cache), or the tasks ran in different pods with a "
+    "local-folder store each pod sees only on its own disk (use an s3:// store)"
+)
+
+
 class CorruptCheckpoint(StoreError):
     """A checkpoint whose files do not match its manifest (names the file)."""
 
@@ -363,7 +371,7 @@ class LocalStore(Store):
     def _read_manifest(self, key: str) -> dict[str, Any]:
         path = self._path(key) / MANIFEST
         if not path.is_file():
-            raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}")
+            raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}; {NOT_FOUND_CAUSES}")
         try:
             return validate_manifest(json.loads(path.read_text()), key)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -67,6 +67,7 @@ from shared.store import (
     MANIFEST,
     MANIFEST_FORMAT,
     VERIFIED_STAMP,
+    NOT_FOUND_CAUSES,
     CheckpointNotFound,
     CorruptCheckpoint,
     Store,
@@ -532,7 +533,7 @@ class S3Store(Store):
     def _read_manifest(self, key: str) -> dict[str, Any]:
         data = self._get_bytes(f"{key}/{MANIFEST}")
         if data is None:
-            raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}")
+            raise CheckpointNotFound(f"no committed checkpoint {key} in {self.uri}; {NOT_FOUND_CAUSES}")
         try:
             manifest = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -75,7 +75,9 @@ def test_unknown_resource_key_lists_the_allowed_tasks():
 
 
 def test_precedence_defaults_then_placement_then_spec():
-    spec = parse_spec({**BASE_SPEC, "cluster": {"resources": {"ft": {"memory": "128Gi"}}, "retries": 5}})
+    # a model of unknown size (a hub id) gets the large-model defaults: one GPU per model task
+    spec = parse_spec({**BASE_SPEC, "model": "hf:meta-llama/Meta-Llama-3-8B",
+                       "cluster": {"resources": {"ft": {"memory": "128Gi"}}, "retries": 5}})
     placement = {"node_selector": {"pool": "a100"}, "retries": 1, "resources": {"ft": {"cpu": "16"}}}
     cfg = spec.cluster_config(placement)
     ft = cfg.resources_for("ft", "edit")

@@ -181,7 +181,10 @@ def test_gpu_overlay_placement_reaches_the_compiled_pipeline(tmp_path):
     rendered.write_text(_render_text(str(overlay)))
     store_cm = find(render(overlay), "ConfigMap", "lmcompose-store")
     out = tmp_path / "pipeline.yaml"
-    spec = ROOT / "pipelines" / "experiments" / "demo.yaml"
+    # the demo's 135M model runs on CPU nodes by default; ask for GPUs so the GPU overlay applies
+    raw = yaml.safe_load((ROOT / "pipelines" / "experiments" / "demo.yaml").read_text())
+    spec = tmp_path / "demo-gpu.yaml"
+    spec.write_text(yaml.safe_dump({**raw, "cluster": {**(raw.get("cluster") or {}), "accelerator": "gpu"}}))
     assert main(["compile", str(spec), "--placement", str(rendered), "--store", load_store_uri(rendered),
                  "-o", str(out)]) == 0
     docs = list(yaml.safe_load_all(out.read_text()))
