@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections import namedtuple
+from pathlib import Path
 from typing import Any
 
 from shared.model_ref import ModelRef
@@ -44,17 +45,28 @@ def read_model(artifact: Any) -> ModelRef:
         log.info("input model %s is a Hugging Face folder: importing it as a base model", getattr(artifact, "uri", path))
         ref, _meta = prepare_base_model(path, "", False, display_source=str(getattr(artifact, "uri", "") or path))
         return ref
+    meta = dict(getattr(artifact, "metadata", {}) or {})
+    from_meta = None
+    if meta.get("store") and meta.get("key") and meta.get("lmcompose_format"):
+        from_meta = ModelRef.from_json({"format": meta.get("lmcompose_format"), "store": meta["store"], "key": meta["key"]},
+                                       "the model artifact's metadata")
+    file_path = Path(path) / "model.json" if path and Path(path).is_dir() else Path(path)
+    if from_meta is not None and not file_path.exists():  # a launcher that kept the metadata but not the file
+        return from_meta
     try:
-        return ModelRef.read(path)
+        ref = ModelRef.read(path)
     except ModelRefError as exc:
-        meta = dict(getattr(artifact, "metadata", {}) or {})
-        if meta.get("store") and meta.get("key") and meta.get("lmcompose_format"):  # kept the metadata, not the file
-            return ModelRef.from_json({"format": meta.get("lmcompose_format"), "store": meta["store"], "key": meta["key"]})
         raise ModelRefError(
             f"{exc}; an input model must be the 'model' output of prepare_base, of an intervention or of export, "
             "or a Hugging Face folder (config.json + *.safetensors) at the artifact's path -- bring other models in "
             "with prepare_base(model=...) or prepare_base(model_source=...)"
         ) from None
+    if from_meta is not None and from_meta != ref:
+        raise ModelRefError(
+            f"model artifact {path} names {ref.key} in {ref.store_uri} but its metadata names {from_meta.key} in "
+            f"{from_meta.store_uri}; one of them was altered -- refusing to guess which model is meant"
+        )
+    return ref
 
 
 def model_output(ref: ModelRef, metadata: dict[str, Any]) -> Any:

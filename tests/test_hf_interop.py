@@ -263,3 +263,22 @@ def test_user_pipeline_hf_folder_in_and_out_from_yaml_files_only(tmp_path, cache
     assert len(exported) == 1 and (exported[0] / "lm_compose.json").is_file()
     provenance = json.loads((exported[0] / "lm_compose.json").read_text())["lm_compose"]
     assert provenance["composition"] == "wanda" and provenance["base_source"].endswith("user-model")
+
+
+def test_a_forged_reference_file_is_refused_not_replaced_by_the_metadata(tmp_path):
+    from components.runtime import read_model
+    from shared.model_ref import ModelRef, ModelRefError
+
+    real, forged = ModelRef(str(tmp_path / "store"), "ckpt/" + "a" * 40), ModelRef(str(tmp_path / "store"), "ckpt/" + "b" * 40)
+    meta = {"lmcompose_format": "lm-compose-model-ref/1", "store": real.store_uri, "key": real.key}
+    path = tmp_path / "model"
+    real.write(path)
+    assert read_model(SimpleNamespace(path=str(path), uri="u", metadata=meta)) == real
+    forged.write(path)
+    with pytest.raises(ModelRefError, match="altered"):
+        read_model(SimpleNamespace(path=str(path), uri="u", metadata=meta))
+    path.write_text("{not json")
+    with pytest.raises(ModelRefError, match="not JSON"):  # a corrupt file is not silently replaced either
+        read_model(SimpleNamespace(path=str(path), uri="u", metadata=meta))
+    path.unlink()
+    assert read_model(SimpleNamespace(path=str(path), uri="u", metadata=meta)) == real  # file not kept: metadata
