@@ -73,6 +73,7 @@ submit: install
 components: install
 	$(PY) -m pipelines.component_codegen
 	$(PY) -m pipelines.component_yaml
+	$(PY) -m pipelines.component_catalog
 
 # the CPU and CUDA images (images/README.md); tags must match components/image.py,
 # which compiled pipelines take them from (tests/test_images.py checks)
