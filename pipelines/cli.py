@@ -335,10 +335,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         folders[label] = Path(folder)
     if len(folders) < 2:
         raise SpecError("compare: name at least two report folders (LABEL=REPORT_FOLDER ...)")
-    try:
+    from shared.inputs import output_folder, writing
+
+    output_folder(args.out)  # before reading anything: an --out that is a file is refused at once
+    with writing("compare"):  # a malformed report folder is an InputError naming the file, row and column
         written = _compare(folders, Path(args.out), args.title or "Composability across models")
-    except FileNotFoundError as exc:
-        raise SpecError(f"compare: {exc}") from None
     print(f"cross-model report written to {written['report']}")
     return 0
 
@@ -350,17 +351,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from shared.uncertainty import read_item_records
 
+    from shared.inputs import InputError, output_folder, writing
+    from shared.uncertainty import check_results_match_items
+
+    out = output_folder(args.out or Path(args.results).resolve().parent / "report")
     results = load_results(Path(args.results))
-    out = Path(args.out or Path(args.results).resolve().parent / "report")
     # the method categories order each pair (editor before compressor, as the aggregator does) and group "# Wins"
     categories = {name: m.category.value for name, m in available().items()}
     # per-item scores for the intervals: --items, else the items.json the aggregator writes beside results.csv
     items_path = Path(args.items) if args.items else Path(args.results).resolve().parent / "items.json"
     if args.items and not items_path.is_file():
-        raise SystemExit(f"error: items file {items_path} does not exist")
+        raise InputError(f"items file {items_path} does not exist")
     items = read_item_records(items_path) if items_path.is_file() else None
-    build_report(results, out, title=args.title or "lm-compose report", categories=categories, items=items,
-                 resamples=args.resamples, seed=args.seed, confidence=args.confidence)
+    if items:  # each criterion must be what its per-item scores give (a changed value is refused)
+        check_results_match_items(results, items, args.results, str(items_path))
+    with writing("report"):
+        build_report(results, out, title=args.title or "lm-compose report", categories=categories, items=items,
+                     resamples=args.resamples, seed=args.seed, confidence=args.confidence)
     print(console_table(results, categories))
     print(f"\nreport written to {out}")
     return 0
@@ -373,7 +380,10 @@ def cmd_findings(args: argparse.Namespace) -> int:
         [args.results_dir, "--out", args.out]
         + ([f"--resamples {args.resamples}"] if args.resamples != DEFAULT_RESAMPLES_CLI else [])
         + ([f"--seed {args.seed}"] if args.seed else []))
-    results = write_findings(args.results_dir, args.out, args.resamples, args.seed, args.confidence, command)
+    from shared.inputs import writing
+
+    with writing("findings"):
+        results = write_findings(args.results_dir, args.out, args.resamples, args.seed, args.confidence, command)
     for r in results:
         print(f"{r.finding.number}. {r.finding.title}: {r.verdict}" + (f" ({r.note})" if r.note else ""))
     print(f"\nwritten to {args.out}")
@@ -504,13 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.live_view import RunFailed
     from shared.cluster import PlacementError
     from shared.data import DataError
+    from shared.inputs import InputError
     from shared.store import StoreError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (SpecError, DataError, StoreError, PlacementError) as exc:
+    except (SpecError, DataError, StoreError, PlacementError, InputError) as exc:
+        # InputError: a malformed report file or an unusable --out (compare, findings, report), one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunFailed as exc:  # the failing task's own error and its log: the last thing the user sees

@@ -15,18 +15,37 @@ It reads only the report folders (``composability.csv``,
 ``composability_orders.csv`` when the study had k >= 3 compositions, and
 ``model.json``, which the aggregator writes: the base model's source and
 parameter count), so reports fetched from a cluster's store compare the same
-way as local runs.  Model sizes missing from ``model.json`` (reports built
-before it existed) leave that model out of the plots, with a note.
+way as local runs.  Every value it reads is checked first (a metric outside
+[0, 1], a criterion that cannot name a plot file, a malformed ``model.json``
+is one :class:`~shared.inputs.InputError` naming the file, row and column).
+Model sizes missing from ``model.json`` (reports built before it existed)
+leave that model out of the plots, with a note.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from shared.inputs import (
+    InputError,
+    check_names,
+    check_numbers,
+    file_name,
+    output_folder,
+    output_path,
+    read_csv,
+    read_json,
+    require_columns,
+    safe_name,
+    show,
+    writing,
+)
 
 #: file the aggregator writes into every report folder: the base model's source and size
 MODEL_INFO_FILE = "model.json"
@@ -44,22 +63,67 @@ class ModelReport:
     orders: pd.DataFrame  # composability_orders.csv (empty when the study had no k >= 3 combos)
 
 
+#: columns of composability.csv / composability_orders.csv the comparison reads
+PAIR_COLUMNS = ("pair", "setting", "sweep_param", "sweep_value", "criterion", "order_free_error", "order_sensitivity")
+ORDER_COLUMNS = ("combo", "k", "setting", "sweep_param", "sweep_value", "criterion", "order_free_error",
+                 "order_sensitivity")
+
+
+def read_model_info(path: Path) -> dict[str, Any]:
+    """``model.json``: an object; ``source`` a string and ``num_parameters`` a positive whole number, or absent."""
+    info = read_json(path, "model file")
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: expected a JSON object with source and num_parameters, got {type(info).__name__}")
+    source, n = info.get("source"), info.get("num_parameters")
+    if source is not None and not isinstance(source, str):
+        raise InputError(f"{path}: source: expected a string, got {show(source)}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise InputError(f"{path}: num_parameters: expected a positive whole number, got {show(n)}")
+    return info
+
+
+def _read_metrics_table(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
+    """A composability table with the columns the comparison reads, their values checked (one line per bad cell)."""
+    frame = read_csv(path, what, keep_default_na=True)
+    require_columns(frame, path, columns, "written by the aggregator; see docs/results-schema.md")
+    for metric in ("order_free_error", "order_sensitivity"):
+        check_numbers(frame, path, metric, lo=0.0, hi=1.0)  # empty (no value) allowed; "abc", -3, inf are not
+    check_numbers(frame, path, "sweep_value")
+    if "k" in columns:
+        check_numbers(frame, path, "k", lo=2, integer=True, allow_nan=False)
+        frame["k"] = frame["k"].astype(float).astype(int)
+    check_names(frame, path, "criterion", allow_empty=False)  # each criterion names a plot file
+    for metric in ("order_free_error", "order_sensitivity", "sweep_value"):
+        frame[metric] = pd.to_numeric(frame[metric], errors="coerce").astype(float)
+    return frame
+
+
 def read_model_report(label: str, folder: str | Path) -> ModelReport:
-    """The parts of a report folder the comparison needs; a clear error when it is not a report folder."""
+    """The parts of a report folder the comparison needs, every value checked.
+
+    A folder that is not a report, a ``model.json`` that is not what the
+    aggregator writes, a table that is empty, binary, lacks a column or holds
+    a metric outside [0, 1] or a criterion that cannot name a file raises
+    :class:`~shared.inputs.InputError` (one line: the file, row and column).
+    The label must be a plain name too (it names the model's folder in a
+    multi-model run).
+    """
+    safe_name(label, "model label")
     folder = Path(folder)
     pairs_path = folder / "composability.csv"
     if not pairs_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a study report folder (no composability.csv in it)")
+        raise InputError(f"{folder} is not a study report folder (no composability.csv in it)")
     info_path = folder / MODEL_INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_model_info(info_path) if info_path.exists() else {}
     orders_path = folder / "composability_orders.csv"
     return ModelReport(
         label=label,
         folder=folder,
         source=info.get("source"),
         num_parameters=info.get("num_parameters"),
-        pairs=pd.read_csv(pairs_path, keep_default_na=True),
-        orders=pd.read_csv(orders_path) if orders_path.is_file() else pd.DataFrame(),
+        pairs=_read_metrics_table(pairs_path, PAIR_COLUMNS, "composability table"),
+        orders=(_read_metrics_table(orders_path, ORDER_COLUMNS, "composability table") if orders_path.exists()
+                else pd.DataFrame()),
     )
 
 
@@ -157,8 +221,12 @@ def build_cross_model_report(reports: list[ModelReport], out_dir: str | Path, ti
     """Write ``cross_model.csv`` (both metrics, long), the per-criterion plots and ``report.md`` into ``out_dir``."""
     if len(reports) < 2:
         raise ValueError(f"a cross-model report needs at least two models, got {len(reports)}")
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
+    for criterion in dict.fromkeys(pd.concat([r.pairs.get("criterion", pd.Series(dtype=object)) for r in reports]
+                                             + [r.orders.get("criterion", pd.Series(dtype=object)) for r in reports])):
+        file_name(criterion, "ofe_vs_size", suffix=".png", what=f"plot of criterion {criterion!r}")  # before writing
+    with writing("compare"):
+        (out / "plots").mkdir(parents=True, exist_ok=True)
     ofe, os_ = cross_model_table(reports, "order_free_error"), cross_model_table(reports, "order_sensitivity")
     labels = [r.label for r in reports]
     csv = out / "cross_model.csv"
@@ -190,7 +258,8 @@ def build_cross_model_report(reports: list[ModelReport], out_dir: str | Path, ti
                 lines.append(f"| {row['k']} | {row['composition']} | {row['setting']} | {row['sweep'] or '–'} | "
                              + " | ".join(_fmt(row[label]) for label in labels) + " |")
             lines.append("")
-        plot = out / "plots" / f"{criterion}__ofe_vs_size.png"
+        plot = output_path(out / "plots", file_name(criterion, "ofe_vs_size", suffix=".png",
+                                                     what=f"plot of criterion {criterion!r}"))
         if plot_against_size(ofe, reports, criterion, plot):
             written[f"plots/{plot.name}"] = plot
             lines += [f"![{criterion}: order-free error against model size](plots/{plot.name})", ""]

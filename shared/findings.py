@@ -16,6 +16,11 @@ Verdict of a finding, from its tests' intervals:
 * **not measured** -- the study's report is missing or has no per-item
   scores, so no interval (and so no verdict) exists.
 
+A report folder is read as ``lmcompose report`` reads it (columns, types and
+ranges checked, each criterion checked against the mean of its per-item
+scores): a malformed or changed one is refused with one line
+(:class:`shared.inputs.InputError`), never judged.
+
 Pure pandas/numpy: ``lmcompose findings`` calls :func:`write_findings`.
 """
 
@@ -29,13 +34,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.metrics import PAPER_CATEGORIES, normalize_results, pair_table
+from shared.inputs import InputError, output_file
+from shared.metrics import PAPER_CATEGORIES, pair_table
 from shared.uncertainty import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     Bootstrap,
     bootstrap_criteria,
+    check_results_match_items,
     pair_draws,
     read_item_records,
 )
@@ -75,10 +82,17 @@ class Study:
     def __init__(self, name: str, folder: Path, resamples: int, seed: int, confidence: float) -> None:
         self.name = name
         self.folder = folder
-        self.results = normalize_results(pd.read_csv(folder / "results.csv", dtype={"model_key": str, "composition": str}))
+        from shared.report import load_results  # (matplotlib only when a study is read)
+
+        # read as `lmcompose report` reads it: columns, types and ranges checked; every criterion must be
+        # what its per-item scores give (InputError, one line naming the file, row and column, otherwise)
+        self.results = load_results(folder / "results.csv")
         items = folder / "items.json"
+        records = read_item_records(items) if items.is_file() else None
+        if records:
+            check_results_match_items(self.results, records, str(folder / "results.csv"), str(items))
         self.boot: Bootstrap | None = (
-            bootstrap_criteria(read_item_records(items), resamples, seed, confidence) if items.is_file() else None
+            bootstrap_criteria(records, resamples, seed, confidence) if records is not None else None
         )
         self.confidence = confidence
         self.pairs = pair_table(self.results, PAPER_CATEGORIES)
@@ -335,6 +349,8 @@ def _run_test(study: Study | None, description: str, fn: Callable[[Study], Quant
     if q.draws is None or study.boot is None:
         return TestResult(description, q, error="the study's report has no per-item scores")
     lo, hi = study.boot.interval(q.draws)
+    if math.isnan(lo) or not math.isfinite(q.point):
+        return TestResult(description, q, error="no interval: a value or a resample of it is not a finite number")
     return TestResult(description, q, lo, hi)
 
 
@@ -347,6 +363,12 @@ def check_findings(
 ) -> list[FindingResult]:
     """Check every finding on the study reports under ``results_dir`` (``<results_dir>/<study>/``)."""
     results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise InputError(f"findings: {results_dir} is not a folder (expected a folder of study report folders)")
+    wanted = list(dict.fromkeys(f.study for f in findings))
+    if not any((results_dir / name / "results.csv").is_file() for name in wanted):
+        raise InputError(f"findings: no study report in {results_dir} (expected at least one of "
+                         + ", ".join(f"{name}/results.csv" for name in wanted) + ")")
     studies: dict[str, Study | None] = {}
     out = []
     for f in findings:
@@ -417,6 +439,7 @@ def findings_markdown(results: Sequence[FindingResult], results_dir: str, confid
 def write_findings(results_dir: str | Path, out: str | Path, resamples: int = DEFAULT_RESAMPLES,
                    seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE,
                    command: str = "lmcompose findings") -> list[FindingResult]:
+    output_file(out)
     results = check_findings(results_dir, resamples, seed, confidence)
     Path(out).write_text(findings_markdown(results, str(results_dir), confidence, resamples, seed, command) + "\n",
                          encoding="utf-8")

@@ -26,6 +26,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from shared.criteria import COMPOSABILITY_CRITERIA, CRITERIA  # noqa: E402
+from shared.inputs import (  # noqa: E402
+    InputError,
+    check_names,
+    check_numbers,
+    file_name,
+    output_path,
+    read_csv,
+)
 from shared.uncertainty import (  # noqa: E402
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -36,6 +44,7 @@ from shared.uncertainty import (  # noqa: E402
     ItemRecord,
     WinsUncertainty,
     bootstrap_criteria,
+    check_results_match_items,
     integrated_draws,
     integrated_with_intervals,
     pair_draws,
@@ -68,47 +77,90 @@ _MEASUREMENT_FORMATS = {"perplexity": lambda v: _fmt(v, 2), "avg_bits": lambda v
 
 
 def validate_results(results: pd.DataFrame, source: str = "results table") -> None:
-    """Raise ValueError naming every missing column (schema: docs/results-schema.md).
+    """Raise :class:`~shared.inputs.InputError` (a ValueError) naming every missing column (docs/results-schema.md).
 
     Step columns are required up to the longest composition (``max(n_steps)``),
     since pairing reads them; a table with only the base model needs none.
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in results.columns]
     if "n_steps" in results.columns and len(results):
-        n_max = int(pd.to_numeric(results["n_steps"], errors="coerce").fillna(0).max())
+        n_max = int(pd.to_numeric(results["n_steps"], errors="coerce").fillna(0).clip(0, MAX_STEPS).max())
         for k in range(1, n_max + 1):
             missing += [c for c in (f"step{k}_method", f"step{k}_params") if c not in results.columns]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{source} is missing required column(s): {', '.join(missing)} (see docs/results-schema.md)"
         )
 
 
+#: most steps a composition of a results table may have (a larger n_steps is refused as malformed)
+MAX_STEPS = 64
+
+#: allowed range of each criterion in a results table read from a file (every value finite, or empty)
+CRITERION_RANGES: dict[str, tuple[float, float | None]] = {
+    **{name: (0.0, 1.0) for name, c in CRITERIA.items() if c.bounded},
+    "perplexity": (1.0, None),  # exp(mean NLL over tokens) >= 1
+    "sparsity": (0.0, 1.0),
+    "avg_bits": (0.0, 64.0),
+}
+
+
+def check_results_values(results: pd.DataFrame, source: str = "results table") -> None:
+    """Refuse a results table whose cells are not what the schema allows, naming the first bad cell.
+
+    Criteria (and their ``_lo``/``_hi`` interval columns) are numbers in their
+    range -- accuracies and F1 in [0, 1], perplexity >= 1, sparsity in [0, 1],
+    average bits in (0, 64] -- and finite, or empty (not evaluated);
+    ``n_steps`` and ``num_batches`` whole numbers;
+    ``sweep_value`` finite or empty; every ``step<k>_method`` a plain name
+    (the report's plot files are named after the methods).
+    """
+    check_numbers(results, source, "n_steps", lo=0, hi=MAX_STEPS, integer=True, allow_nan=False)
+    check_numbers(results, source, "num_batches", lo=1, integer=True, allow_nan=False)
+    check_numbers(results, source, "sweep_value")
+    for name, (lo, hi) in CRITERION_RANGES.items():
+        for column in (name, name + LO, name + HI):
+            check_numbers(results, source, column, lo=lo, hi=hi, lo_open=name == "avg_bits")
+    for column in results.columns:
+        if re.fullmatch(r"step\d+_method", str(column)):
+            check_names(results, source, column)
+
+
 def load_results(path: str | Path) -> pd.DataFrame:
-    """Read a results table from CSV or Parquet (chosen by suffix) and validate its columns.
+    """Read a results table from CSV or Parquet (chosen by suffix), validate its columns and values.
 
     String columns are read as strings (a hex model key like ``1e5`` must not
-    become a float) and empty cells become ``""`` as in the schema.
+    become a float) and empty cells become ``""`` as in the schema.  A file
+    that is missing, empty, not a table, lacks a column or holds a value out
+    of the schema (:func:`check_results_values`) raises
+    :class:`~shared.inputs.InputError` naming the file, row and column.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        df = pd.read_csv(path, dtype=_string_dtypes(path))
+        header = read_csv(path, "results table", nrows=0).columns
+        df = read_csv(path, "results table", dtype=_string_dtypes(header))
     elif suffix in (".parquet", ".pq"):
-        df = pd.read_parquet(path)
+        if not path.is_file():
+            raise InputError(f"results table {path}: no such file")
+        try:
+            df = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises its own types for a file that is not Parquet
+            first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"results table {path}: not a Parquet table ({first})") from None
     else:
-        raise ValueError(f"{path}: unsupported results format {suffix!r}; use .csv or .parquet")
+        raise InputError(f"{path}: unsupported results format {suffix!r}; use .csv or .parquet")
+    check_results_values(df, str(path))
     validate_results(df, str(path))
     return normalize_results(df)
 
 
-def _string_dtypes(path: Path) -> dict[str, type]:
-    header = pd.read_csv(path, nrows=0).columns
+def _string_dtypes(header: Sequence[str]) -> dict[str, type]:
     str_cols = {"model_key", "composition", "methods", "sweep_method", "sweep_param"}
     return {
         c: str
         for c in header
-        if c in str_cols or re.fullmatch(r"step\d+_(method|params)", c)
+        if c in str_cols or re.fullmatch(r"step\d+_(method|params)", str(c))
     }
 
 
@@ -456,6 +508,8 @@ def build_report(
         integrated_all = integrated
         wins_basis = integrated
 
+    if items:  # a criterion its own items do not reproduce was changed after the evaluation: refuse it
+        check_results_match_items(results, items)
     boot = bootstrap_criteria(items, resamples, seed, confidence) if items else None
     draws = None
     if boot is not None:
@@ -515,10 +569,10 @@ def build_report(
         for pair, grp in pairs.groupby("pair", sort=False):
             setting_keys = list(dict.fromkeys(grp["setting_key"]))
             for i, skey in enumerate(setting_keys):
-                suffix = f"__s{i + 1}" if len(setting_keys) > 1 else ""
+                setting = [f"s{i + 1}"] if len(setting_keys) > 1 else []
                 for crit in dict.fromkeys(grp[grp["setting_key"] == skey]["criterion"]):
-                    name = f"{_slug(pair)}{suffix}__{crit}.png"
-                    path = plot_pair(pairs, results, pair, skey, crit, plots_dir / name)
+                    name = file_name(_slug(pair), *setting, crit, suffix=".png", what=f"plot of pair {pair!r}")
+                    path = plot_pair(pairs, results, pair, skey, crit, output_path(plots_dir, name))
                     if path is not None:
                         plots[(pair, skey, crit)] = path
                         written[f"plots/{name}"] = path
@@ -613,10 +667,10 @@ def _order_section(
             "OS": _ci_cells(grp, "order_sensitivity"),
         })
         lines += [markdown_table(view), ""]
-        suffix = f"__s{list(dict.fromkeys(orders[orders['combo'] == combo]['setting_key'])).index(skey) + 1}"
+        setting = f"s{list(dict.fromkeys(orders[orders['combo'] == combo]['setting_key'])).index(skey) + 1}"
         for crit in dict.fromkeys(grp["criterion"]):
-            name = f"{_slug(combo)}{suffix}__{crit}__orders.png"
-            path = plot_orders(orders, combo, skey, crit, results, plots_dir / name)
+            name = file_name(_slug(combo), setting, crit, "orders", suffix=".png", what=f"plot of combo {combo!r}")
+            path = plot_orders(orders, combo, skey, crit, results, output_path(plots_dir, name))
             if path is not None:
                 written[f"plots/{name}"] = path
                 lines += [f"![{combo} {crit}]({path.relative_to(out_dir).as_posix()})", ""]

@@ -218,7 +218,38 @@ def unseal_json(data: bytes, key: str) -> Any:
         if hashlib.sha256(canonical_json(body).encode()).hexdigest() != obj[SEAL]:
             raise CorruptDocument(f"{key}: content does not match its sha256")
         return body
-    return obj  # written before documents were sealed
+    if isinstance(obj, dict) and not allow_unsealed():
+        # every object document is written sealed; one without its seal was written before documents were
+        # sealed -- or had its seal removed to make a change pass: not trusted, so it is computed again
+        raise CorruptDocument(f"{key}: document has no {SEAL} seal (set {UNSEALED_ENV}=1 to read legacy "
+                              "unsealed documents)")
+    return obj  # a non-object document (never sealed), or a legacy one allowed by $LMCOMPOSE_ALLOW_UNSEALED
+
+
+#: set to 1 to trust store documents written before they were sealed (see :func:`allow_unsealed`)
+UNSEALED_ENV = "LMCOMPOSE_ALLOW_UNSEALED"
+
+
+def allow_unsealed() -> bool:
+    """Whether a stored JSON document without its ``_sha256`` seal is read (``$LMCOMPOSE_ALLOW_UNSEALED``).
+
+    Off by default: :func:`seal_json` seals every object document this
+    version writes (results, aliases, report pointers, leases), so an
+    unsealed one is either from a store written before seals existed or one
+    whose seal was stripped so that a changed value would pass.  Refused, it
+    counts as missing: it is quarantined and computed again, like a document
+    whose digest does not match.  ``LMCOMPOSE_ALLOW_UNSEALED=1`` reads such
+    legacy documents as before, unverified -- for an old store you trust,
+    until a re-run has rewritten them sealed.  (Checkpoint manifests are
+    checked by :func:`validate_manifest`, which still accepts an unsealed one
+    whose files all match it.)
+    """
+    value = (os.environ.get(UNSEALED_ENV) or "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise StoreError(f"{UNSEALED_ENV}={value!r}: allowed values are 1 (read legacy unsealed documents) and 0")
 
 
 VERIFY_ENV = "LMCOMPOSE_VERIFY"

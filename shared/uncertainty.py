@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from shared.criteria import CRITERIA
-from shared.item_scores import ItemScores, items_from_json, items_to_json
+from shared.inputs import InputError, check_number, read_json, show, where
+from shared.item_scores import TRANSFORMS, ItemScores, items_from_json, items_to_json
 
 #: defaults of the report's bootstrap: resamples, seed and interval level
 DEFAULT_RESAMPLES = 1000
@@ -75,10 +76,130 @@ def write_item_records(records: Sequence[ItemRecord], path: str | Path) -> Path:
 
 
 def read_item_records(path: str | Path) -> list[ItemRecord]:
-    obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    """The records of an ``items.json``, every field checked (:func:`validate_item_records`).
+
+    A file that is missing, not JSON, wrongly shaped or holds a score that is
+    not a finite number in its criterion's range raises
+    :class:`~shared.inputs.InputError` naming the file and the JSON path of
+    the bad value (``records[3].items.edit_success.values[0]``).
+    """
+    obj = read_json(path, "items file")
     if not isinstance(obj, dict) or obj.get("version") != 1 or not isinstance(obj.get("records"), list):
-        raise ValueError(f"{path}: not an lm-compose items file (expected {{'version': 1, 'records': [...]}})")
-    return [ItemRecord.from_json(r) for r in obj["records"]]
+        raise InputError(f"{path}: not an lm-compose items file (expected {{'version': 1, 'records': [...]}})")
+    return validate_item_records(obj["records"], str(path))
+
+
+def _item_scores_from_json(obj: Any, at: str, criterion: str) -> ItemScores:
+    """One criterion's item scores, each field's type and range checked (scores of bounded criteria in [0, 1])."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("values"), list) or not obj["values"]:
+        raise InputError(f"{at}: expected {{'values': [numbers, ...]}} with at least one item")
+    unknown = set(obj) - {"values", "weights", "strata", "transform"}
+    if unknown:
+        raise InputError(f"{at}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    n = len(obj["values"])
+    transform = obj.get("transform", "identity")
+    if transform not in TRANSFORMS:
+        raise InputError(f"{at}.transform: {transform!r} is not one of {', '.join(TRANSFORMS)}")
+    weights = obj.get("weights")
+    strata = obj.get("strata")
+    for name, seq in (("weights", weights), ("strata", strata)):
+        if seq is not None and (not isinstance(seq, list) or len(seq) != n):
+            raise InputError(f"{at}.{name}: expected a list of {n} entries (one per value)")
+    ws = [check_number(w, f"{at}.weights[{i}]", lo=0.0, allow_nan=False, text=False)
+          for i, w in enumerate(weights)] if weights is not None else None
+    if strata is not None:
+        for i, v in enumerate(strata):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise InputError(f"{at}.strata[{i}]: {v!r} is not a whole number")
+    crit = CRITERIA.get(criterion)
+    bounded = crit is not None and crit.bounded and transform == "identity"
+    for i, v in enumerate(obj["values"]):
+        hi = (ws[i] if ws is not None else 1.0) if bounded else None
+        lo = 0.0 if (bounded or transform == "exp") else None  # a summed NLL is >= 0 too
+        check_number(v, f"{at}.values[{i}]", lo=lo, hi=hi, allow_nan=False, text=False)
+    return ItemScores.from_json(obj)
+
+
+def validate_item_records(raw: Any, source: str = "items") -> list[ItemRecord]:
+    """Records from their JSON form, refusing anything the bootstrap would trip over, with the path of the value.
+
+    Each record: ``composition`` and ``model_key`` strings, ``edit_batch`` a
+    whole number >= 0, ``items`` an object of criteria; each score a finite
+    number (scores of bounded criteria -- accuracies, F1 -- in [0, 1], or in
+    [0, weight] when weighted), weights >= 0; one record per composition and
+    batch; and every record of the same batch and evaluator has as many items
+    (they score the same data).
+    """
+    if not isinstance(raw, list):
+        raise InputError(f"{source}: records: expected a list")
+    records: list[ItemRecord] = []
+    seen: dict[tuple[str, int], int] = {}
+    families: dict[tuple[int, str], tuple[tuple[int, tuple[int, ...] | None], str]] = {}
+    for r, obj in enumerate(raw):
+        at = f"{source}: records[{r}]"
+        if not isinstance(obj, dict):
+            raise InputError(f"{at}: expected an object, got {type(obj).__name__}")
+        for name in ("composition", "model_key"):
+            if not isinstance(obj.get(name), str):
+                raise InputError(f"{at}.{name}: expected a string, got {show(obj.get(name))}")
+        batch = obj.get("edit_batch")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise InputError(f"{at}.edit_batch: expected a whole number >= 0, got {show(batch)}")
+        if not isinstance(obj.get("items"), dict):
+            raise InputError(f"{at}.items: expected an object of criteria, got {show(obj.get('items'))}")
+        comp = obj["composition"]
+        if (comp, batch) in seen:
+            raise InputError(f"{at}: a second record for composition {show(comp)} on edit batch {batch} "
+                             f"(the first is records[{seen[(comp, batch)]}])")
+        seen[(comp, batch)] = r
+        items = {}
+        for criterion, scores in obj["items"].items():
+            name = f"records[{r}].items.{criterion}"
+            items[criterion] = _item_scores_from_json(scores, f"{source}: {name}", criterion)
+            family = (batch, _evaluator_of(criterion))
+            sig = _signature(items[criterion])
+            first = families.setdefault(family, (sig, name))
+            if first[0] != sig:
+                raise InputError(f"{source}: {name}: {sig[0]} items, but {first[1]} has {first[0][0]} "
+                                 "(the same data must have the same items, in the same strata)")
+        records.append(ItemRecord(comp, batch, obj["model_key"], items))
+    return records
+
+
+def check_results_match_items(results: pd.DataFrame, records: Sequence[ItemRecord],
+                              results_source: str = "results table", items_source: str = "the per-item scores",
+                              rel: float = 1e-6) -> None:
+    """Each criterion of ``results`` must be the mean over edit batches of what its per-item scores give.
+
+    The results table and ``items.json`` of a report are written together from
+    the same evaluations, so a criterion that its items do not reproduce was
+    changed afterwards (or the two files come from different runs): the
+    intervals would then sit around another value than the point.  Raises
+    :class:`~shared.inputs.InputError` naming the row (spreadsheet numbering)
+    and column.  Rows without records, and criteria without items on every
+    edit batch of their composition, are not checked.
+    """
+    by_comp: dict[str, list[ItemRecord]] = {}
+    for r in records:
+        by_comp.setdefault(r.composition, []).append(r)
+    if "composition" not in results.columns:
+        return
+    for i, (comp, row) in enumerate(zip(results["composition"].tolist(), results.to_dict("records"))):
+        recs = by_comp.get(str(comp) if comp is not None else "")
+        if not recs:
+            continue
+        for criterion in CRITERIA:
+            if criterion not in row or not all(criterion in r.items for r in recs):
+                continue
+            expected = float(np.mean([r.items[criterion].value() for r in recs]))
+            try:
+                got = float(row[criterion])
+            except (TypeError, ValueError):
+                got = math.nan
+            if not (math.isclose(got, expected, rel_tol=rel, abs_tol=1e-9) or got == expected):
+                raise InputError(f"{where(results_source, i, criterion)}: {got!r}, but the per-item scores in "
+                                 f"{items_source} give {expected!r} for composition {comp!r} (the table was "
+                                 "changed after it was written, or the two files are from different runs)")
 
 
 # --------------------------------------------------------------------------- resampling
@@ -444,8 +565,10 @@ __all__ = [
     "orders_with_intervals",
     "pair_draws",
     "pairs_with_intervals",
+    "check_results_match_items",
     "read_item_records",
     "resample_indices",
+    "validate_item_records",
     "results_with_intervals",
     "wins_uncertainty",
     "write_item_records",
