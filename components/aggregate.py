@@ -23,7 +23,8 @@ def aggregate(
         base_model: the base model (the 'model' output of prepare_base): names the store and the base digest.
         evaluations: the evaluation results of this run (collect_results' output; '' for an aggregation-only
             run of a sharded study). The table is read from the store, which must hold every result of the plan.
-        plan: the study's plan (JSON, from the pipeline builder).
+        plan: the study's plan (JSON, from the pipeline builder), or where it is in the store: JSON with its
+            key and digest, plan_key and plan_sha256 (compiled studies; shared.plan_store).
         data: the study's data section (JSON).
         options: the evaluation options (JSON).
 
@@ -38,9 +39,11 @@ def aggregate(
     from components.runtime import read_model
     from shared.execution import aggregate as run
     from shared.models import known_num_parameters
+    from shared.plan_store import resolve_plan
     from shared.store import open_store
 
     ref = read_model(base_model)
+    plan = resolve_plan(ref.store_uri, plan)  # a compiled study passes the plan's store key and digest
     meta = open_store(ref.store_uri).checkpoint_meta(ref.key)
     base_digest = meta["model_digest"]
     received = json.loads(evaluations) if evaluations else []

@@ -1,9 +1,10 @@
 """``lmcompose`` command line: plan, run (kfp.local), compile, report.
 
-    lmcompose plan SPEC [--store URI] [--estimate [--gpus 8,64] [--cost FILE]]
+    lmcompose plan SPEC [--store URI] [--shards N|auto] [--estimate [--gpus 8,64] [--cost FILE]]
     lmcompose run SPEC [--store URI] [--out DIR]
-    lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N]
-    lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N]
+    lmcompose compile SPEC -o FILE|DIR [--store URI] [--placement FILE] [--shards N|auto]
+    lmcompose submit SPEC --host URL [--experiment NAME] [--store URI] [--placement FILE] [--shards N|auto]
+    lmcompose upload-plan PLAN_FILE --store URI
     lmcompose compare LABEL=REPORT_DIR LABEL=REPORT_DIR ... --out DIR
     lmcompose findings [RESULTS_DIR] [--out FILE]
     lmcompose report --results FILE [--out DIR] [--items FILE] [--resamples N] [--seed S] [--confidence C]
@@ -97,16 +98,19 @@ def _plan_one(args: argparse.Namespace, spec) -> None:
         done = completed_nodes(_store_uri(args, spec), spec, plan)
     print(format_plan(plan, done))
     cluster = _cluster(args, spec)
-    try:
-        runs = pipeline_counts(plan, cluster.shards)
-    except ValueError as exc:
-        raise SpecError(f"cluster.{exc}") from None
-    shards = cluster.shards
+    shards, largest, aggregation = _size_runs(args, spec, plan, cluster)
+    runs = pipeline_counts(plan, shards)
     print(
         f"pipeline runs:      {runs['pipeline_runs']}"
-        + (f" ({shards} shards + 1 aggregation run)" if shards > 1 else " (one run; cluster.shards: 1)")
+        + (f" ({shards} shards + 1 aggregation run)" if shards > 1 else " (one run)")
+        + (" -- cluster.shards: auto" if cluster.shards == "auto" else "")
     )
     print(f"KFP tasks:          {runs['tasks']} (largest run: {runs['largest_run_tasks']})")
+    print(f"workflow size:      largest run {_size_line(largest)}")
+    if aggregation is not None:
+        print(f"                    aggregation run {_size_line(aggregation)}")
+    print(f"                    (budget {cluster.workflow_budget_bytes / 1024:,.0f} KiB at the end of a run: "
+          "cluster.workflow_budget_bytes; docs/cost-model.md)")
     if args.estimate:
         from shared.estimate import LLAMA3_8B_A100, estimate, format_estimate, load_cost_table
 
@@ -125,8 +129,25 @@ def _plan_one(args: argparse.Namespace, spec) -> None:
         print(json.dumps(plan.to_json(), indent=1))
 
 
+def _size_runs(args: argparse.Namespace, spec, plan, cluster):
+    """(shards, size of the largest run, size of the aggregation run or None) -- compiles those runs."""
+    from pipelines.builder import size_runs
+
+    # the store named in the workflow changes its size by a few bytes; any s3:// URI will do for sizing
+    store_uri = args.store or spec.store or os.environ.get("LMCOMPOSE_STORE") or "s3://lm-compose/store"
+    try:
+        return size_runs(spec, store_uri, cluster, plan)
+    except ValueError as exc:
+        raise SpecError(f"cluster.{exc}") from None
+
+
+def _size_line(size) -> str:
+    return (f"{size.name}: {size.tasks} tasks, {size.created_bytes / 1024:,.0f} KiB on creation, "
+            f"{size.end_bytes / 1024:,.0f} KiB expected at the end")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.builder import compile_pipeline, compile_study
+    from pipelines.builder import compile_study
     from shared.spec import load_spec
     from shared.store import StoreError
 
@@ -153,22 +174,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 )
             print(f"warning: store {store_uri} is a local folder: every task's pod must mount it at this path "
                   "(--local-store)", file=sys.stderr)
-        if cluster.shards > 1 and out.suffix in (".yaml", ".yml", ".json"):
-            raise SpecError(
-                f"cluster.shards: the study is split into {cluster.shards} runs plus an aggregation run; "
-                f"-o must name a folder for their files, not {args.output}"
-            )
-        if spec.models or cluster.shards > 1 or out.is_dir() or args.output.endswith("/"):
-            try:
-                paths = compile_study(one, store_uri, str(out), cluster,
-                                      progress=lambda line: print(line, file=sys.stderr, flush=True))
-            except ValueError as exc:
-                raise SpecError(f"cluster.{exc}") from None
-        else:
-            compile_pipeline(one, store_uri, str(out), cluster)
-            paths = [str(out)]
-        for path in paths:
-            print(f"wrote {path}")
+        to_file = not spec.models and out.suffix in (".yaml", ".yml", ".json") and not out.is_dir()
+        try:
+            files = compile_study(one, store_uri, str(out), cluster,
+                                  progress=lambda line: print(line, file=sys.stderr, flush=True),
+                                  output_file=str(out) if to_file else None)
+        except ValueError as exc:
+            raise SpecError(f"cluster.{exc}") from None
+        for path, size in zip(files, files.sizes):
+            print(f"wrote {path}  ({size.tasks} tasks; workflow {size.created_bytes / 1024:,.0f} KiB on creation, "
+                  f"{size.end_bytes / 1024:,.0f} KiB expected at the end)")
+        print(f"wrote {files.plan_file}  (the plan the report reads from the store as {files.plan_key}; "
+              f"lmcompose submit uploads it, or: lmcompose upload-plan {files.plan_file} --store {store_uri})")
     return 0
 
 
@@ -224,11 +241,17 @@ def _submit_one(args: argparse.Namespace, spec, experiment: str) -> int:
             paths = compile_study(spec, store_uri, tmp, cluster)
         except ValueError as exc:
             raise SpecError(f"cluster.{exc}") from None
+        shards = paths.shards
+        for path, size in zip(paths, paths.sizes):
+            print(f"{Path(path).name.removesuffix('.pipeline.yaml')}: {size.tasks} tasks, workflow "
+                  f"{size.created_bytes / 1024:,.0f} KiB on creation, {size.end_bytes / 1024:,.0f} KiB expected at "
+                  "the end")
+        _upload_plan(store_uri, paths.plan_file, args)
         if args.aggregate_only:
-            if cluster.shards == 1:
-                raise SpecError("--aggregate-only: the study is not sharded (cluster.shards is 1); its run reports itself")
+            if shards == 1:
+                raise SpecError("--aggregate-only: the study is not sharded (one run); its run reports itself")
             paths = paths[-1:]
-        shard_paths, aggregation = (paths, None) if cluster.shards == 1 or args.aggregate_only else (paths[:-1], paths[-1])
+        shard_paths, aggregation = (paths, None) if shards == 1 or args.aggregate_only else (paths[:-1], paths[-1])
         client = _kfp_client(args)
         submitted = []
         for path in shard_paths:
@@ -262,6 +285,41 @@ def _submit_one(args: argparse.Namespace, spec, experiment: str) -> int:
             namespace=args.namespace, service_account=args.service_account, enable_caching=False,
         )
         print(f"submitted the aggregation run: {run.run_id}")
+    return 0
+
+
+def _upload_plan(store_uri: str, plan_file: str, args: argparse.Namespace) -> None:
+    """Put the study's plan into the store before any run is submitted (the report reads it there)."""
+    from shared.plan_store import put_plan, read_plan_file
+    from shared.store import StoreError
+
+    try:
+        key = put_plan(store_uri, read_plan_file(plan_file))
+    except (StoreError, OSError) as exc:
+        raise StoreError(
+            f"the study's plan could not be written to the store {store_uri} ({exc}); its report reads the plan "
+            "there: give this machine the store's credentials (AWS_* variables), or compile with `lmcompose compile` "
+            "and upload the .plan.json it writes from a machine that has them (`lmcompose upload-plan FILE --store "
+            f"{store_uri}`), then submit again") from None
+    print(f"plan: {key} in {store_uri}")
+
+
+def cmd_upload_plan(args: argparse.Namespace) -> int:
+    from shared.plan_store import put_plan, read_plan_file
+    from shared.store import CorruptDocument, check_store_uri
+
+    store_uri = check_store_uri(args.store or os.environ.get("LMCOMPOSE_STORE") or "")
+    try:
+        plan = read_plan_file(args.plan_file)
+    except FileNotFoundError:
+        raise SpecError(f"upload-plan: {args.plan_file} does not exist") from None
+    except CorruptDocument as exc:
+        raise SpecError(f"upload-plan: {exc} (a plan file is written by lmcompose compile and must not be edited)") \
+            from None
+    if not isinstance(plan, dict) or "nodes" not in plan or "compositions" not in plan:
+        raise SpecError(f"upload-plan: {args.plan_file} is not a plan file written by lmcompose compile")
+    key = put_plan(store_uri, plan)
+    print(f"uploaded the plan of {plan.get('spec_name', '?')} to {store_uri} as {key}")
     return 0
 
 
@@ -408,6 +466,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+SHARDS_HELP = ("split the study into N pipeline runs, or 'auto': the fewest whose workflows fit "
+               "cluster.workflow_budget_bytes (overrides cluster.shards)")
+
+
+def _shards(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of runs or 'auto', got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -440,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cost table for --estimate: a JSON file such as benchmarks/gpu_check.sh's cost_table.json "
                         "(docs/gpu.md); default: the Llama-3-8B/A100 estimates")
     p.add_argument("--placement", help="cluster placement file (see manifests/): counts runs with its shards")
-    p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
+    p.add_argument("--shards", type=_shards, help=SHARDS_HELP)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a spec end to end with kfp.local on this machine")
@@ -455,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="store URI the pipeline will use (s3://bucket/prefix in a cluster)")
     p.add_argument("--placement", help="cluster placement file: a cluster block, or rendered manifests/ "
                    "holding the lmcompose-placement ConfigMap")
-    p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
+    p.add_argument("--shards", type=_shards, help=SHARDS_HELP)
     p.add_argument("--local-store", action="store_true",
                    help="allow a local-folder store (every pod must mount it at the same path; default: refused)")
     p.set_defaults(func=cmd_compile)
@@ -468,11 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-account", help="service account the run's pods use (default: KFP's)")
     p.add_argument("--store", help="s3:// store URI (default: spec's, the placement file's, $LMCOMPOSE_STORE)")
     p.add_argument("--placement", help="cluster placement file (see --help of compile)")
-    p.add_argument("--shards", type=int, help="split the study into N pipeline runs (overrides cluster.shards)")
+    p.add_argument("--shards", type=_shards, help=SHARDS_HELP)
     p.add_argument("--wait", action="store_true", help="wait for the shard runs, then submit the aggregation run")
     p.add_argument("--timeout", type=int, default=7 * 24 * 3600, help="seconds to wait per run with --wait")
     p.add_argument("--aggregate-only", action="store_true", help="submit only the aggregation run of a sharded study")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("upload-plan", help="put a study's plan file (written by compile) into the store")
+    p.add_argument("plan_file", help="the <study>.plan.json lmcompose compile wrote beside the pipeline files")
+    p.add_argument("--store", help="the s3:// store the compiled pipelines use (default: $LMCOMPOSE_STORE)")
+    p.set_defaults(func=cmd_upload_plan)
 
     p = sub.add_parser("export", help="write a compressed checkpoint in its packed format (compressed-tensors)")
     p.add_argument("model_key", help="checkpoint key, e.g. from the model_key column of results.csv")

@@ -106,6 +106,15 @@ def _default_resources() -> dict[str, Resources]:
     }
 
 
+#: Argo's limit on a workflow's JSON (MAX_WORKFLOW_SIZE of the controller KFP ships), node status compressed
+ARGO_MAX_WORKFLOW_BYTES = 1_048_576
+#: etcd's default request limit (--max-request-bytes): Kubernetes cannot store a larger workflow at all
+ETCD_MAX_REQUEST_BYTES = 1_572_864
+#: the default ``workflow_budget_bytes``: Argo's 1 MiB less 1/8 for the uncertainty of the size model
+DEFAULT_WORKFLOW_BUDGET_BYTES = ARGO_MAX_WORKFLOW_BYTES * 7 // 8
+#: the most runs a study may be split into
+MAX_SHARDS = 1000
+
 #: models below this many parameters run on CPU nodes by default (``accelerator: auto``)
 SMALL_MODEL_PARAMETERS = 1_000_000_000
 #: a small model's task memory as a multiple of its float32 weights, per family or task (then rounded up to GiB):
@@ -161,13 +170,28 @@ class ClusterConfig(BaseModel):
     store_config_map: str = Field("lmcompose-store", description="ConfigMap with AWS_ENDPOINT_URL/AWS_REGION")
     hf_token_secret: str | None = Field(None, description="Secret with key HF_TOKEN, for gated hub models")
     image_pull_secrets: list[str] = Field(default_factory=list)
-    shards: int = Field(1, ge=1, le=1000, description="pipeline runs the study is split into (plus one aggregation run)")
+    shards: int | Literal["auto"] = Field(
+        "auto", description="pipeline runs the study is split into (plus one aggregation run): a number, or auto -- "
+        "the fewest runs whose workflows fit workflow_budget_bytes (pipelines/workflow_size.py)")
+    workflow_budget_bytes: int = Field(
+        DEFAULT_WORKFLOW_BUDGET_BYTES, ge=64 * 1024, le=64 * 2**20,
+        description="largest expected size of a run's Argo workflow at the end of the run; compile refuses a "
+        "larger run (default: Argo's 1 MiB less 1/8 for the size model's uncertainty)")
     accelerator: Literal["auto", "gpu", "none"] = Field(
         "auto", description="auto: GPUs for models of a billion parameters or more (or of unknown size), CPU nodes "
         "below; gpu: always; none: CPU nodes only")
     model_parameters: int | None = Field(
         None, ge=1, le=10**13, description="the model's parameter count, where compile cannot know it (hub and S3 "
         "models); sizes the tasks")
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shards(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SHARDS:
+            raise ValueError(f"expected 'auto' or a number of runs from 1 to {MAX_SHARDS}, got {v!r}")
+        return v
 
     @field_validator("node_selector", "cpu_node_selector")
     @classmethod

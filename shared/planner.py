@@ -310,6 +310,33 @@ def partition(plan: Plan, shards: int) -> list[Share]:
     """
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
+    units = _units(plan)
+    if shards > max(len(units), 1):
+        raise ValueError(
+            f"shards: {shards} requested but the plan has only {len(units)} independent unit(s) "
+            f"(subtrees under the base model, split by edit batch where their first step reads the edits); "
+            f"use at most {max(len(units), 1)}"
+        )
+    all_batches = range(plan.num_batches)
+    bins: list[Share] = [set() for _ in range(shards)]
+    weights = [0] * shards
+    if "base" in plan.nodes:
+        bins[0].update(("base", b) for b in all_batches)
+        weights[0] += node_weight(plan, plan.nodes["base"])
+    for weight, share in sorted(units, key=lambda u: -u[0]):
+        i = min(range(shards), key=lambda k: (weights[k], k))
+        bins[i] |= share
+        weights[i] += weight
+    return bins
+
+
+def max_shards(plan: Plan) -> int:
+    """The most runs the plan can be split into: its independent units (see :func:`partition`)."""
+    return max(len(_units(plan)), 1)
+
+
+def _units(plan: Plan) -> list[tuple[int, Share]]:
+    """The units of :func:`partition`: (tasks, share) per subtree under the base model (per batch where split)."""
     children: dict[str | None, list[Node]] = {}
     for node in plan.nodes.values():
         children.setdefault(node.parent, []).append(node)
@@ -331,22 +358,22 @@ def partition(plan: Plan, shards: int) -> list[Share]:
                 units.append((sum(node_weight(plan, n, b) for n in nodes), {(n.id, b) for n in nodes}))
         else:
             units.append((sum(node_weight(plan, n) for n in nodes), {(n.id, b) for n in nodes for b in all_batches}))
-    if shards > max(len(units), 1):
-        raise ValueError(
-            f"shards: {shards} requested but the plan has only {len(units)} independent unit(s) "
-            f"(subtrees under the base model, split by edit batch where their first step reads the edits); "
-            f"use at most {max(len(units), 1)}"
-        )
-    bins: list[Share] = [set() for _ in range(shards)]
-    weights = [0] * shards
-    if "base" in plan.nodes:
-        bins[0].update(("base", b) for b in all_batches)
-        weights[0] += node_weight(plan, plan.nodes["base"])
-    for weight, share in sorted(units, key=lambda u: -u[0]):
-        i = min(range(shards), key=lambda k: (weights[k], k))
-        bins[i] |= share
-        weights[i] += weight
-    return bins
+    return units
+
+
+def shard_tasks(plan: Plan, shards: int = 1) -> list[int]:
+    """KFP tasks of each run of the plan split into ``shards`` runs (one run: every task, the report included).
+
+    A shard run looks the base model up, then runs its steps and evaluations;
+    the one run of an unsharded study also joins its evaluations
+    (``collect_results``) and builds the report.  The aggregation run of a
+    sharded study (2 tasks) is not listed.
+    """
+    parts = partition(plan, shards)
+    per_shard = [1 + sum(node_weight(plan, plan.nodes[nid], b) for nid, b in part) for part in parts]
+    if shards == 1:
+        per_shard[0] += fan_in_tasks(evaluation_tasks(plan)) + 1
+    return per_shard
 
 
 def pipeline_counts(plan: Plan, shards: int = 1) -> dict[str, int]:
@@ -357,13 +384,9 @@ def pipeline_counts(plan: Plan, shards: int = 1) -> dict[str, int]:
     separate aggregation run (base lookup + report) follows.  A run with the
     report also has the ``collect_results`` tasks joining its evaluations.
     """
-    parts = partition(plan, shards)
-    per_shard = [
-        1 + sum(node_weight(plan, plan.nodes[nid], b) for nid, b in part)
-        for part in parts
-    ]
+    per_shard = shard_tasks(plan, shards)
     if shards == 1:
-        per_shard[0] += fan_in_tasks(evaluation_tasks(plan))
+        per_shard[0] -= 1  # the report task, counted as the aggregation below
     aggregation = 1 if shards == 1 else 2
     return {
         "pipeline_runs": shards + (0 if shards == 1 else 1),

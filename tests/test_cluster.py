@@ -24,6 +24,9 @@ from shared.spec import SpecError, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted((ROOT / "pipelines" / "experiments" / "paper").glob("*.yaml"))
+#: the shard count ``cluster.shards: auto`` chooses for each paper study (docs/cost-model.md, "Workflow size";
+#: tests/test_workflow_size.py checks it)
+AUTO_SHARDS = {"llama3_edit_x_compress": 33, "llama3_edit_x_unlearn": 4, "llama3_unlearn_x_compress": 3}
 BASE_SPEC = {"name": "c", "model": "builtin:tiny-random", "interventions": [{"method": "wanda"}]}
 
 #: a small study with two edit batches: ft first (split per batch) and wanda first (shared by the batches)
@@ -132,7 +135,7 @@ def _work_items(plan) -> set[tuple[str, int]]:
 def test_shards_cover_the_plan_exactly_once(raw_or_path):
     spec = parse_spec(raw_or_path) if isinstance(raw_or_path, dict) else _load_paper(raw_or_path)
     plan = build_plan(spec)
-    shards = spec.cluster_config().shards if not isinstance(raw_or_path, dict) else 3
+    shards = AUTO_SHARDS[raw_or_path.stem] if not isinstance(raw_or_path, dict) else 3
     parts = partition(plan, shards)
     assert len(parts) == shards and all(parts)
     union = set().union(*parts)
@@ -237,8 +240,9 @@ def test_paper_studies_compile_with_gpu_requests_retries_secrets_and_node_select
         "cpu_node_selector": {"pool": "cpu"},
     }
     cluster = spec.cluster_config(placement)
-    assert cluster.shards > 1, "paper-scale studies are split into several runs"
-    for label, kwargs in (("shard", {"shard": (0, cluster.shards)}), ("aggregate", {"aggregate_only": True})):
+    assert cluster.shards == "auto"  # split into the fewest runs that fit Argo's limits
+    shards = AUTO_SHARDS[path.stem]
+    for label, kwargs in (("shard", {"shard": (0, shards)}), ("aggregate", {"aggregate_only": True})):
         out = tmp_path / f"{label}.yaml"
         compile_pipeline(spec, "s3://studies/llama3", str(out), cluster, **kwargs)
         text = out.read_text()
@@ -253,8 +257,11 @@ def test_paper_studies_compile_with_gpu_requests_retries_secrets_and_node_select
         for name, executor in executors.items():
             container, k8s = executor["container"], platform[name]
             resources = container.get("resources", {})
-            # credentials and hub token by reference to Kubernetes Secrets
-            secrets = {s["secretName"]: s for s in k8s["secretAsEnv"]}
+            # credentials and hub token by reference to Kubernetes Secrets, in the parameter form only (the
+            # deprecated secretName is trimmed: KFP backends read secretNameParameter since 2.5.0)
+            secrets = {s["secretNameParameter"]["runtimeValue"]["constant"]: s for s in k8s["secretAsEnv"]}
+            assert all("secretName" not in s for s in k8s["secretAsEnv"])
+            assert all("configMapName" not in c and c["configMapNameParameter"] for c in k8s["configMapAsEnv"])
             assert {e["envVar"] for e in secrets["lmcompose-s3-credentials"]["keyToEnv"]} == {
                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
             assert secrets["lmcompose-hf-token"]["keyToEnv"][0]["envVar"] == "HF_TOKEN"
@@ -305,17 +312,21 @@ def test_plan_prints_runs_tasks_steps_and_naive_counts(capsys):
     from pipelines.cli import main
 
     path = ROOT / "pipelines" / "experiments" / "paper" / "llama3_edit_x_compress.yaml"
-    assert main(["plan", str(path)]) == 0
+    assert main(["plan", str(path), "--shards", "40"]) == 0  # a given count: sizes one run, not the search of auto
     out = capsys.readouterr().out
     spec = _load_paper(path)
     plan = build_plan(spec)
-    counts, runs = plan.counts(), pipeline_counts(plan, spec.cluster_config().shards)
+    counts, runs = plan.counts(), pipeline_counts(plan, 40)
     assert f"compositions:       {counts['compositions']} (x 10 edit batches" in out
     assert f"intervention runs:  {counts['intervention_runs']} (naive, each composition from scratch: " \
            f"{counts['intervention_runs_naive']}" in out
     assert f"evaluations:        {counts['evaluations']} (naive: {counts['evaluations_naive']}" in out
     assert f"pipeline runs:      {runs['pipeline_runs']} (40 shards + 1 aggregation run)" in out
     assert f"KFP tasks:          {runs['tasks']} (largest run: {runs['largest_run_tasks']})" in out
+    # the modelled Argo workflow sizes of the largest run and of the aggregation run (pipelines/workflow_size.py)
+    assert re.search(r"workflow size:      largest run llama3-edit-x-compress\.shard-\d+-of-40: 102 tasks, "
+                     r"[\d,]+ KiB on creation, [\d,]+ KiB expected at the end", out)
+    assert "aggregation run llama3-edit-x-compress.aggregate: 2 tasks" in out
     # the paper's grid: 3 editors x (6 + 6 + 4 + 6 compressor settings) x both orders, plus singles and base
     assert counts["compositions"] == 1 + 3 + 22 + 3 * 22 * 2
 
@@ -384,8 +395,19 @@ class _KfpApi:
 
 
 @pytest.fixture
-def kfp_api():
+def kfp_api(monkeypatch):
+    """A recording KFP API; the plan uploads of ``submit`` are recorded too (``api.plans``), in the call order."""
     api = _KfpApi()
+    api.plans = []
+
+    def put_plan(store_uri, plan):
+        from shared.plan_store import plan_key
+
+        api.plans.append((store_uri, plan_key(plan)))
+        api.calls.append(("PUT-PLAN", store_uri, None, {}))
+        return plan_key(plan)
+
+    monkeypatch.setattr("shared.plan_store.put_plan", put_plan)
     yield api
     api.close()
 
@@ -404,7 +426,8 @@ def test_submit_sends_every_shard_then_the_report(kfp_api, monkeypatch, capsys):
         spec = run["pipeline_spec"]
         assert spec["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]["store_uri"]["defaultValue"] == "s3://b/p"
         executors = spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-        assert all(e["secretAsEnv"][0]["secretName"] == "lmcompose-s3-credentials" for e in executors.values())
+        assert all(e["secretAsEnv"][0]["secretNameParameter"]["runtimeValue"]["constant"] == "lmcompose-s3-credentials"
+                   for e in executors.values())
         assert "canary-secret-value-1234" not in json.dumps(run)
     experiments = [c for c in kfp_api.calls if c[0] == "POST" and c[1] == "/apis/v2beta1/experiments"]
     assert experiments[0][2]["display_name"] == "composition-study"
@@ -413,14 +436,43 @@ def test_submit_sends_every_shard_then_the_report(kfp_api, monkeypatch, capsys):
     last_shard_poll = max(i for i, c in enumerate(order) if c == ("GET", "/apis/v2beta1/runs/run-2"))
     report_post = [i for i, c in enumerate(order) if c == ("POST", "/apis/v2beta1/runs")][-1]
     assert last_shard_poll < report_post
+    # the report reads the plan from the store: it was uploaded before the first run was submitted, and every
+    # compiled run carries only its key and digest
+    from shared.plan_store import plan_key
+
+    assert kfp_api.plans == [("s3://b/p", plan_key(build_plan(load_spec(ROOT / "pipelines" / "experiments" / "demo.yaml",
+                                                                          fetch_remote=False)).to_json()))]
+    assert order.index(("PUT-PLAN", "s3://b/p")) < order.index(("POST", "/apis/v2beta1/runs"))
+    aggregate_args = runs[-1]["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]["aggregate"]["inputs"]["parameters"]
+    assert json.loads(aggregate_args["plan"]["runtimeValue"]["constant"]) == {
+        "plan_key": kfp_api.plans[0][1], "plan_sha256": kfp_api.plans[0][1].removeprefix("plans/").removesuffix(".json")}
     # the bearer token from the environment authenticates every call and is never printed
-    assert all(c[3].get("authorization") == "Bearer token-abc" for c in kfp_api.calls)
+    assert all(c[3].get("authorization") == "Bearer token-abc" for c in kfp_api.calls if c[0] != "PUT-PLAN")
     assert "token-abc" not in capsys.readouterr().out
+
+
+def test_submit_refuses_when_the_plan_cannot_reach_the_store(kfp_api, monkeypatch, capsys):
+    """No run is submitted whose report could not find the plan: an unwritable store stops submit first."""
+    from pipelines.cli import main
+    from shared.store import StoreError
+
+    def unreachable(store_uri, plan):
+        raise StoreError(f"no usable AWS credentials for {store_uri}")
+
+    monkeypatch.setattr("shared.plan_store.put_plan", unreachable)
+    rc = main(["submit", str(ROOT / "pipelines" / "experiments" / "demo.yaml"), "--host", kfp_api.url,
+               "--store", "s3://b/p", "--shards", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "the study's plan could not be written to the store s3://b/p" in err
+    assert "lmcompose upload-plan FILE --store s3://b/p" in err
+    assert kfp_api.runs() == []
 
 
 def test_submit_stops_before_the_report_when_a_shard_fails(monkeypatch, capsys):
     from pipelines.cli import main
 
+    monkeypatch.setattr("shared.plan_store.put_plan", lambda store_uri, plan: "plans/x.json")
     api = _KfpApi(failed_runs=1)
     try:
         rc = main(["submit", str(ROOT / "pipelines" / "experiments" / "demo.yaml"), "--host", api.url,

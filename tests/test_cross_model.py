@@ -82,8 +82,11 @@ def test_cli_plans_and_compiles_every_model(tmp_path: Path, capsys: pytest.Captu
     assert main(["compile", str(TWO_MODELS), "-o", str(tmp_path / "x.yaml"), "--store", "s3://b/p"]) == 2
     assert "-o must name a folder" in capsys.readouterr().err
     assert main(["compile", str(TWO_MODELS), "-o", str(tmp_path / "out"), "--store", "s3://b/p"]) == 0
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    files = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".pipeline.yaml"))
     assert files == ["two-models-smollm2-135m.pipeline.yaml", "two-models-tiny-random.pipeline.yaml"]
+    # beside them, each model's plan, which its report reads from the store (lmcompose upload-plan)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".plan.json")) == [
+        "two-models-smollm2-135m.plan.json", "two-models-tiny-random.plan.json"]
     sources = set()
     for name in files:
         doc = next(yaml.safe_load_all((tmp_path / "out" / name).read_text()))
@@ -93,8 +96,13 @@ def test_cli_plans_and_compiles_every_model(tmp_path: Path, capsys: pytest.Captu
         sources.add(json_format.MessageToDict(base.runtime_value.constant))
         # the per-model override reached the tiny model's MEMIT task, typed
         memit = [t for t in pipeline.root.dag.tasks.values() if t.component_ref.name.startswith("comp-memit")]
-        layers = {json.dumps(json_format.MessageToDict(t.inputs.parameters["layers"].runtime_value.constant)) for t in memit}
-        assert layers == ({"[1.0, 2.0, 3.0]"} if "tiny" in name else {"[3.0, 4.0, 5.0, 6.0, 7.0]"}), (name, layers)
+        layers = {json.dumps(json_format.MessageToDict(t.inputs.parameters["layers"].runtime_value.constant))
+                  if "layers" in t.inputs.parameters else "default" for t in memit}
+        default = json_format.MessageToDict(
+            pipeline.components[memit[0].component_ref.name].input_definitions.parameters["layers"].default_value)
+        # SmolLM2's layers are MEMIT's default: left out of the task (the component applies its default)
+        assert layers == ({"[1.0, 2.0, 3.0]"} if "tiny" in name else {"default"}), (name, layers)
+        assert default == [3.0, 4.0, 5.0, 6.0, 7.0]
     assert sources == {"builtin:smollm2-135m", "builtin:tiny-random"}
 
 

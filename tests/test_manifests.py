@@ -194,10 +194,10 @@ def test_gpu_overlay_placement_reaches_the_compiled_pipeline(tmp_path):
     assert all(s == GPU_SELECTORS[name] for s in selectors), selectors
     for executor in executors.values():
         (secret,) = executor["secretAsEnv"]
-        assert secret["secretName"] == "lmcompose-s3-credentials"
+        assert secret["secretNameParameter"]["runtimeValue"]["constant"] == "lmcompose-s3-credentials"
         assert {k["secretKey"] for k in secret["keyToEnv"]} == set(S3_SECRET_KEYS)
         (config_map,) = executor["configMapAsEnv"]
-        assert config_map["configMapName"] == store_cm["metadata"]["name"]
+        assert config_map["configMapNameParameter"]["runtimeValue"]["constant"] == store_cm["metadata"]["name"]
         assert {k["configMapKey"] for k in config_map["keyToEnv"]} == set(STORE_CONFIG_KEYS) <= set(store_cm["data"])
 
 
@@ -282,8 +282,8 @@ def test_example_submit_job_matches_the_manifests():
     find(base, "ServiceAccount", pod["serviceAccountName"])
     (container,) = pod["containers"]
     refs = {(k, v["name"]) for src in container["envFrom"] for k, v in src.items()}
-    # the store URI only: submitting reads no object, so the Job gets no S3 credentials
-    assert refs == {("configMapRef", STORE_CONFIG_MAP)}
+    # the store (URI, endpoint, region) and its credentials: submit writes the study's plan there for the report
+    assert refs == {("configMapRef", STORE_CONFIG_MAP), ("secretRef", ClusterConfig().s3_secret)}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["placement"]["configMap"]["name"] == PLACEMENT_CONFIG_MAP
     find(base, "ConfigMap", PLACEMENT_CONFIG_MAP)

@@ -67,9 +67,14 @@ def test_compiled_pipeline_parses_with_kfp_protobuf(tmp_path):
     assert evaluated.count("comp-prepare-base") == 1 and len(set(
         t.inputs.artifacts["model"].task_output_artifact.producer_task
         for t in tasks.values() if comp(t) == "comp-evaluate")) == n_evals  # exactly one evaluation per model
-    # typed hyperparameters, not JSON strings
-    wanda = next(t for t in tasks.values() if comp(t) == "comp-wanda")
-    assert json_format.MessageToDict(wanda.inputs.parameters["sparsity"].runtime_value.constant) in (0.25, 0.5)
+    # typed hyperparameters, not JSON strings; a value equal to the component's default (wanda's sparsity 0.5) is
+    # left out of the task, and the component applies the same default (pipelines.builder.compact_compiled)
+    sparsities = {json_format.MessageToDict(t.inputs.parameters["sparsity"].runtime_value.constant)
+                  if "sparsity" in t.inputs.parameters else None
+                  for t in tasks.values() if comp(t) == "comp-wanda"}
+    assert sparsities == {0.25, None}
+    wanda_default = pipeline.components["comp-wanda"].input_definitions.parameters["sparsity"].default_value
+    assert json_format.MessageToDict(wanda_default) == 0.5
     # the aggregator gets every evaluation through the collect_results tree and the base model's artifact
     agg = next(t for t in tasks.values() if comp(t) == "comp-aggregate")
     assert comp(tasks[agg.inputs.parameters["evaluations"].task_output_parameter.producer_task]) == "comp-collect-results"
@@ -82,7 +87,7 @@ def test_compiled_pipeline_parses_with_kfp_protobuf(tmp_path):
     assert len(platform) == len(pipeline.deployment_spec["executors"])
     for executor in platform.values():
         secret = executor["secretAsEnv"][0]
-        assert secret["secretName"] == "lmcompose-s3-credentials"
+        assert secret["secretNameParameter"]["runtimeValue"]["constant"] == "lmcompose-s3-credentials"
         assert {kv["envVar"] for kv in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert "AWS_ACCESS_KEY_ID" not in json.dumps(docs[0])  # nothing about credentials in the pipeline itself
 
