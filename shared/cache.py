@@ -51,6 +51,9 @@ def cached_tensors(
             log.warning("cache entry %s was corrupt (%s); recomputing", key, exc)
     log.info("cache miss %s; computing", key)
     tensors = {k: v.detach().contiguous().cpu() for k, v in compute().items()}
+    from shared.finite import check_finite_tensors
+
+    check_finite_tensors(tensors, f"cache {name} of model {model_digest[:12]} (config {config})", "nothing cached")
     with tempfile.TemporaryDirectory(dir=store.scratch_parent(), prefix="cache-") as tmp:
         save_file(tensors, str(Path(tmp) / _FILE))
         store.put_checkpoint(key, Path(tmp), {"cache": name, "model_digest": model_digest, "config": config})

@@ -127,6 +127,26 @@ def check_consistent(criteria: Mapping[str, float], items: Mapping[str, ItemScor
             raise ValueError(f"per-item scores of {name!r} give {got!r}, the evaluator reported {expected!r}")
 
 
+def check_finite_scores(evaluator: str, criteria: Mapping[str, float], items: Mapping[str, ItemScores],
+                        model_key: str = "") -> None:
+    """Raise (one line naming the evaluator and the criterion) if a criterion or a per-item score is NaN or inf.
+
+    Such a score is never a measurement (a NaN model's accuracy is whatever
+    argmax makes of NaN logits); storing it would put it into every report.
+    """
+    on = f" on {model_key}" if model_key else ""
+    for name, value in criteria.items():
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{evaluator}: criterion {name!r} is {float(value)!r}{on}, not a finite score; "
+                             "nothing stored")
+    for name, scores in items.items():
+        for what, seq in (("values", scores.values), ("weights", scores.weights or ())):
+            bad = next((i for i, v in enumerate(seq) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise ValueError(f"{evaluator}: criterion {name!r}: per-item {what}[{bad}] is {seq[bad]!r}{on}, "
+                                 "not a finite score; nothing stored")
+
+
 class Scores(dict):
     """An evaluator's ``{criterion: value}`` with the per-item scores attached (``.items_by_criterion``).
 
@@ -149,4 +169,5 @@ def item_scores_of(result: Any) -> dict[str, ItemScores]:
     return dict(getattr(result, "items_by_criterion", {}) or {})
 
 
-__all__ = ["ItemScores", "Scores", "check_consistent", "item_scores_of", "items_from_json", "items_to_json"]
+__all__ = ["ItemScores", "Scores", "check_consistent", "check_finite_scores", "item_scores_of", "items_from_json",
+           "items_to_json"]

@@ -44,9 +44,9 @@ class CalibratedParams(InterventionParams):
     """
 
     num_calibration_samples: int = Field(
-        32, ge=1, description="calibration windows (fewer if the corpus is shorter; the record has the count)"
+        32, ge=1, le=100_000, description="calibration windows (fewer if the corpus is shorter; the record has the count)"
     )
-    calibration_seq_len: int = Field(256, ge=8, description="tokens per calibration window")
+    calibration_seq_len: int = Field(256, ge=8, le=32_768, description="tokens per calibration window")
 
 
 @contextmanager

@@ -29,6 +29,7 @@ class GridParams(InterventionParams):
     group_size: int | None = Field(
         64,
         ge=1,
+        le=65_536,
         description="input columns sharing a scale and zero point (the paper: 128; SmolLM2's 576-wide "
         "layers need a divisor such as 64); null = one scale per output row",
     )

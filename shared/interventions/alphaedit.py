@@ -61,9 +61,9 @@ class AlphaEditParams(EditTargetParams):
         description="decoder layers whose MLP down_proj is edited (0-based); targets are set at the last",
     )
     nullspace_threshold: float = Field(
-        2e-2, gt=0, description="eigenvalues of E[k k^T] below this span the protected null space (absolute)"
+        2e-2, gt=0, le=1e6, description="eigenvalues of E[k k^T] below this span the protected null space (absolute)"
     )
-    l2: float = Field(10.0, gt=0, description="alpha: ridge term of (P K K^T + alpha I)^-1")
+    l2: float = Field(10.0, gt=0, le=1e6, description="alpha: ridge term of (P K K^T + alpha I)^-1")
 
     @field_validator("layers")
     @classmethod

@@ -47,12 +47,12 @@ class AutoRoundParams(QuantizationParams):
     """Hyperparameters of AutoRound (defaults: 4 bits, groups of 64, symmetric; 20 iterations, 16 windows: tuned here)."""
 
     num_calibration_samples: int = Field(
-        16, ge=1, description="calibration windows (fewer if the corpus is shorter; the paper: 512)"
+        16, ge=1, le=100_000, description="calibration windows (fewer if the corpus is shorter; the paper: 512)"
     )
     symmetric: bool = Field(True, description="symmetric grid (AutoRound's default); false adds a zero point")
-    iters: int = Field(20, ge=1, description="sign-gradient steps per decoder block (the paper: 200; 20 on a CPU)")
-    lr: float | None = Field(None, gt=0, description="learning rate of the rounding offsets; null = 1 / iters (the paper)")
-    batch_size: int = Field(8, ge=1, description="calibration windows per tuning step")
+    iters: int = Field(20, ge=1, le=100_000, description="sign-gradient steps per decoder block (the paper: 200; 20 on a CPU)")
+    lr: float | None = Field(None, gt=0, le=1.0, description="learning rate of the rounding offsets; null = 1 / iters (the paper)")
+    batch_size: int = Field(8, ge=1, le=1024, description="calibration windows per tuning step")
     enable_torch_compile: bool = Field(False, description="compile each block for tuning (slower than it saves on a CPU)")
 
     @field_validator("bits")

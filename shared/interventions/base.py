@@ -26,6 +26,12 @@ class Category(str, Enum):
     COMPRESS = "compress"
 
 
+#: bounds of a seed parameter: any 63-bit integer (torch seeds are 64-bit; some methods use ``seed + 1``)
+SEED_MIN, SEED_MAX = -(2**62), 2**62
+#: the largest decoder-layer index a parameter may name (the model's own count is checked when it is known)
+MAX_LAYER = 9999
+
+
 def layer_indices(v: list[int]) -> list[int]:
     """Validate a list of decoder-layer indices (distinct, >= 0) and return it sorted.
 
@@ -34,15 +40,22 @@ def layer_indices(v: list[int]) -> list[int]:
     """
     if any(i < 0 for i in v):
         raise ValueError("layer indices must be >= 0")
+    if any(i > MAX_LAYER for i in v):
+        raise ValueError(f"layer indices must be <= {MAX_LAYER}")
     if len(set(v)) != len(v):
         raise ValueError("layer indices must be distinct")
     return sorted(v)
 
 
 class InterventionParams(BaseModel):
-    """Base class of every method's parameter model: strict, immutable, no unknown fields."""
+    """Base class of every method's parameter model: strict, immutable, no unknown fields.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Every number must be finite (``inf``/``nan`` are refused, naming the field)
+    and every numeric field has an upper bound: a parameter bounded only from
+    below once accepted ``inf`` or ``1e308`` and produced NaN weights.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Intervention(ABC):

@@ -57,7 +57,7 @@ import torch
 from pydantic import Field, field_validator
 
 from shared.interventions import register
-from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
+from shared.interventions.base import SEED_MAX, SEED_MIN, Category, Intervention, InterventionParams, layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,19 @@ class FTParams(InterventionParams):
     )
     steps: int = Field(15, ge=1, le=10_000, description="optimizer steps on the whole edit batch")
     lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="Adam (L2) weight decay")
+    weight_decay: float = Field(0.0, ge=0, le=10.0, description="Adam (L2) weight decay")
     max_weight_change: float | None = Field(
         None,
         gt=0,
+        le=1000.0,
         description="optional ROME-style norm constraint: clamp every trained weight to "
         "within this absolute distance of its original value after each step",
     )
-    seed: int = Field(0, description="torch seed (training is deterministic given the seed)")
+    seed: int = Field(0, ge=SEED_MIN, le=SEED_MAX, description="torch seed (training is deterministic given the seed)")
     stop_loss: float = Field(
         1e-2,
         ge=0,
+        le=1e6,
         description="the reference's stopping rule: an edit whose loss is below this gets no gradient "
         "in a step, and training stops once the mean loss over edits is below it (0: never stop early)",
     )

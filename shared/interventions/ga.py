@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 
 from shared.interventions import register
 from shared.interventions._unlearning import forget_training, lm_loss
-from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
+from shared.interventions.base import SEED_MAX, SEED_MIN, Category, Intervention, InterventionParams, layer_indices
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ForgetTrainingParams(InterventionParams):
         "each step sees batch_size x grad_accum documents",
     )
     seq_len: int = Field(256, ge=8, le=32_768, description="tokens per document (longer ones are truncated)")
-    seed: int = Field(0, description="seed of the document order")
+    seed: int = Field(0, ge=SEED_MIN, le=SEED_MAX, description="seed of the document order")
 
     @field_validator("layers")
     @classmethod

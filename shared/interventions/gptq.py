@@ -31,7 +31,7 @@ class GPTQParams(QuantizationParams):
 
     symmetric: bool = Field(True, description="symmetric grid (the paper's GPTQ setting); false adds a zero point")
 
-    block_size: int = Field(128, ge=1, description="columns quantized together before the error is propagated")
+    block_size: int = Field(128, ge=1, le=65_536, description="columns quantized together before the error is propagated")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, as a fraction of its mean diagonal")
 
     @field_validator("bits")

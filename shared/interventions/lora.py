@@ -77,7 +77,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from shared.interventions import register
-from shared.interventions.base import Category, Intervention, InterventionParams, layer_indices
+from shared.interventions.base import SEED_MAX, SEED_MIN, Category, Intervention, InterventionParams, layer_indices
 from shared.interventions.ft import build_edit_batch, target_loss
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class LoRAParams(InterventionParams):
     lr: float = Field(
         1e-3, gt=0, le=1.0, description="Adam learning rate of the adapter (the paper: 5e-3 on Llama-3-8B)"
     )
-    seed: int = Field(0, description="torch seed (adapter init and dropout; training is deterministic given it)")
+    seed: int = Field(0, ge=SEED_MIN, le=SEED_MAX, description="torch seed (adapter init and dropout; training is deterministic given it)")
 
     @field_validator("target_modules")
     @classmethod

@@ -127,20 +127,20 @@ class EditTargetParams(InterventionParams):
     v_steps: int = Field(25, ge=1, le=1000, description="Adam steps of the target-value optimization")
     v_lr: float = Field(0.5, gt=0, le=100.0, description="Adam learning rate of the target deltas")
     v_weight_decay: float = Field(
-        1e-3, ge=0, description="weight of ||delta||^2 / ||h||^2 in the target-value loss"
+        1e-3, ge=0, le=1000.0, description="weight of ||delta||^2 / ||h||^2 in the target-value loss"
     )
     clamp_norm_factor: float = Field(
-        4.0, gt=0, description="||delta|| is clamped to this multiple of the original residual norm ||h||"
+        4.0, gt=0, le=1000.0, description="||delta|| is clamped to this multiple of the original residual norm ||h||"
     )
     kl_factor: float = Field(
-        0.0625, ge=0, description="weight of the KL term on the essence prompt (kl_template)"
+        0.0625, ge=0, le=1000.0, description="weight of the KL term on the essence prompt (kl_template)"
     )
     kl_template: str = Field("{} is a", description="essence prompt; '{}' is replaced by the subject")
     v_loss_threshold: float = Field(
-        0.05, ge=0, description="stop the target optimization once every edit's target NLL is below this"
+        0.05, ge=0, le=1000.0, description="stop the target optimization once every edit's target NLL is below this"
     )
     stats_tokens: int = Field(
-        8192, ge=64, description="tokens of the retain corpus used for the covariance (fewer if the corpus is shorter)"
+        8192, ge=64, le=10**10, description="tokens of the retain corpus used for the covariance (fewer if the corpus is shorter)"
     )
     stats_seq_len: int = Field(256, ge=8, le=8192, description="window length of the covariance pass")
 
@@ -161,7 +161,7 @@ class MEMITParams(EditTargetParams):
         description="decoder layers whose MLP down_proj is edited (0-based); targets are set at the last",
     )
     mom2_update_weight: float = Field(
-        5000.0, gt=0, description="lambda: weight of the key covariance C in (lambda C + K K^T)^-1"
+        5000.0, gt=0, le=1e8, description="lambda: weight of the key covariance C in (lambda C + K K^T)^-1"
     )
 
     @field_validator("layers")

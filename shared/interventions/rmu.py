@@ -58,7 +58,7 @@ from pydantic import Field, field_validator
 
 from shared.interventions import register
 from shared.interventions._unlearning import check_layers, only_trainable, text_batches
-from shared.interventions.base import Category, Intervention, InterventionParams
+from shared.interventions.base import MAX_LAYER, SEED_MAX, SEED_MIN, Category, Intervention, InterventionParams
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ _MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 class RMUParams(InterventionParams):
     """Hyperparameters of RMU (defaults: built-in SmolLM2-135M)."""
 
-    layer: int = Field(8, ge=2, description="layer l whose output is steered; the MLPs of l-2..l are trained")
-    steering_coeff: float = Field(300.0, gt=0, description="c: norm of the control vector c*u")
-    alpha: float = Field(100.0, ge=0, description="weight of the retain (activation-preserving) loss")
+    layer: int = Field(8, ge=2, le=MAX_LAYER, description="layer l whose output is steered; the MLPs of l-2..l are trained")
+    steering_coeff: float = Field(300.0, gt=0, le=1e5, description="c: norm of the control vector c*u")
+    alpha: float = Field(100.0, ge=0, le=1e6, description="weight of the retain (activation-preserving) loss")
     lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate (the paper: 5e-5 on 8B models)")
     num_batches: int = Field(80, ge=1, le=100_000, description="optimizer steps; one forget and one retain batch each")
     batch_size: int = Field(4, ge=1, le=1024, description="documents per batch")
@@ -80,7 +80,7 @@ class RMUParams(InterventionParams):
         min_length=1,
         description="which MLP projections of layers l-2..l are trained (WMDP: down_proj)",
     )
-    seed: int = Field(0, description="seed of the control vector and the document order")
+    seed: int = Field(0, ge=SEED_MIN, le=SEED_MAX, description="seed of the control vector and the document order")
     adam_eps: float = Field(1e-6, gt=0, le=1.0, description="AdamW epsilon (the reference: 1e-6; torch's default is 1e-8)")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay (the reference: 0; torch's default is 0.01)")
 

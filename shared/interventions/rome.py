@@ -50,7 +50,7 @@ from pydantic import Field
 
 from shared.interventions import register
 from shared.interventions._memit_stats import TensorCache, cached_key_second_moments
-from shared.interventions.base import Category, Intervention
+from shared.interventions.base import MAX_LAYER, Category, Intervention
 from shared.interventions.memit import (
     STATS_CORPUS,
     EditTargetParams,
@@ -68,7 +68,7 @@ from shared.interventions.memit import (
 class ROMEParams(EditTargetParams):
     """Hyperparameters of ROME (target stage: MEMIT's tuned defaults; layer: measured on SmolLM2-135M)."""
 
-    layer: int = Field(5, ge=0, description="the decoder layer whose MLP down_proj is edited (0-based)")
+    layer: int = Field(5, ge=0, le=MAX_LAYER, description="the decoder layer whose MLP down_proj is edited (0-based)")
     cov_ridge: float = Field(
         1e-6, ge=0, le=1.0, description="relative ridge added to C before solving C x = k* (numerical guard)"
     )

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class SparseGPTParams(PruningParams):
     """Hyperparameters of SparseGPT (defaults of the paper and of llm-compressor)."""
 
-    block_size: int = Field(128, ge=1, description="columns pruned and reconstructed together")
+    block_size: int = Field(128, ge=1, le=65_536, description="columns pruned and reconstructed together")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, as a fraction of its mean diagonal")
 
 
