@@ -529,7 +529,8 @@ def run_names(spec: ExperimentSpec, shards: int) -> list[str]:
 def measure_run(
     spec: ExperimentSpec, store_uri: str, cluster: ClusterConfig, plan: Plan, shards: int, index: int,
 ) -> Any:
-    """Compile run ``index`` of ``spec`` split into ``shards`` (``shards`` is the aggregation run) and model its size."""
+    """Compile run ``index`` of ``spec`` split into ``shards`` runs and model its size (``index == shards``: the
+    aggregation run)."""
     import tempfile
 
     from pipelines.workflow_size import measure

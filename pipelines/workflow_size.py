@@ -59,10 +59,10 @@ import gzip
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from shared.cluster import ARGO_MAX_WORKFLOW_BYTES, DEFAULT_WORKFLOW_BUDGET_BYTES, ETCD_MAX_REQUEST_BYTES
 
@@ -100,11 +100,6 @@ def _go_float(value: float) -> str:
 
 _HTML = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _HTML_RE = re.compile("[<>&\u2028\u2029]")
-
-
-def _go_string(text: str) -> str:
-    out = json.dumps(text, ensure_ascii=False)
-    return _HTML_RE.sub(lambda m: _HTML[m.group()], out) if _HTML_RE.search(out) else out
 
 
 _FLOAT_MARK = "\x00go-float:"
@@ -164,13 +159,15 @@ def _driver_args(kind: str, pipeline_name: str, display_name: str, cache_disable
                 "--run_id", "{{workflow.uid}}", "--run_name", "{{workflow.name}}", "--run_display_name", display_name,
                 "--dag_execution_id", "{{inputs.parameters.parent-dag-id}}",
                 "--component", "{{inputs.parameters.component}}", "--task", "{{inputs.parameters.task}}",
-                "--task_name", "{{inputs.parameters.task-name}}", "--runtime_config", "{{inputs.parameters.runtime-config}}",
+                "--task_name", "{{inputs.parameters.task-name}}",
+                "--runtime_config", "{{inputs.parameters.runtime-config}}",
                 "--iteration_index", "{{inputs.parameters.iteration-index}}",
                 "--execution_id_path", "{{outputs.parameters.execution-id.path}}",
                 "--iteration_count_path", "{{outputs.parameters.iteration-count.path}}",
                 "--condition_path", "{{outputs.parameters.condition.path}}"]
     args += ["--http_proxy", "", "--https_proxy", "", "--no_proxy", "",
-             "--ml_pipeline_server_address", ML_PIPELINE_ADDRESS[0], "--ml_pipeline_server_port", ML_PIPELINE_ADDRESS[1],
+             "--ml_pipeline_server_address", ML_PIPELINE_ADDRESS[0],
+             "--ml_pipeline_server_port", ML_PIPELINE_ADDRESS[1],
              "--mlmd_server_address", MLMD_ADDRESS[0], "--mlmd_server_port", MLMD_ADDRESS[1]]
     if cache_disabled:
         args.append("--cache_disabled")
@@ -391,7 +388,8 @@ def compile_workflow(
             executor_params.append({"name": "retry-max-count", "value": str(retry.get("maxRetryCount", 0))})
             if "backoffDuration" in retry:
                 executor_params.append({"name": "retry-backoff-duration", "value": _seconds(retry["backoffDuration"])})
-            executor_params.append({"name": "retry-backoff-factor", "value": _any_string(retry.get("backoffFactor", 0))})
+            executor_params.append({"name": "retry-backoff-factor",
+                                    "value": _any_string(retry.get("backoffFactor", 0))})
             if "backoffMaxDuration" in retry:
                 executor_params.append({"name": "retry-backoff-max-duration",
                                         "value": _seconds(retry["backoffMaxDuration"])})
@@ -605,10 +603,11 @@ def _pod_spec_patch(ir: dict, k8s: dict, key: str, pipeline_name: str, run_id: s
                 "key": pair["configMapKey"], "name": name, "optional": bool(cm.get("optional", False))}}})
     res = container.get("resources", {})
     limits, requests = {}, {}
-    for field_, target, unit in (("resourceCpuLimit", limits, "cpu"), ("resourceMemoryLimit", limits, "memory"),
-                                 ("resourceCpuRequest", requests, "cpu"), ("resourceMemoryRequest", requests, "memory")):
-        if field_ in res:
-            target[unit] = res[field_]
+    for key, target, unit in (("resourceCpuLimit", limits, "cpu"), ("resourceMemoryLimit", limits, "memory"),
+                              ("resourceCpuRequest", requests, "cpu"),
+                              ("resourceMemoryRequest", requests, "memory")):
+        if key in res:
+            target[unit] = res[key]
     accelerator = res.get("accelerator")
     if accelerator:
         limits[accelerator.get("resourceType") or accelerator.get("type")] = str(
@@ -641,7 +640,7 @@ def _main_logs(namespace: str, wf_name: str, pod: str) -> dict:
 
 
 def _node(wf_name: str, name: str, type_: str, template: str, boundary: Optional[str], **extra: Any) -> dict:
-    node = {"id": _node_id(wf_name, name), "name": name, "displayName": name.rsplit(".", 1)[-1] if "." in name else name,
+    node = {"id": _node_id(wf_name, name), "name": name, "displayName": name.rsplit(".", 1)[-1],
             "type": type_, "templateName": template, "templateScope": f"local/{wf_name}", "phase": "Succeeded",
             "startedAt": _T0, "finishedAt": _T1, "progress": "1/1",
             "resourcesDuration": {"cpu": 3600, "memory": 36000}}
@@ -728,7 +727,8 @@ def end_of_run_nodes(workflow: dict, ir: dict, platform: Optional[dict] = None) 
         driver_task, executor_task = by_name[f"{key}-driver"], by_name[key]
         if not tasks[key].get("dependentTasks"):
             root["children"].append(_node_id(wf_name, f"{root_name}.{key}-driver"))
-        driver_inputs = [{"name": p["name"], "value": resolve(p["value"], {})} for p in driver_task["arguments"]["parameters"]]
+        driver_inputs = [{"name": p["name"], "value": resolve(p["value"], {})}
+                         for p in driver_task["arguments"]["parameters"]]
         if not any(p["name"] == "kubernetes-config" for p in driver_inputs):
             driver_inputs.append({"default": "", "name": "kubernetes-config", "value": ""})
         driver_inputs.append({"default": "-1", "name": "iteration-index", "value": "-1"})

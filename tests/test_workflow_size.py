@@ -194,7 +194,8 @@ def test_auto_shards_are_the_fewest_runs_that_fit(tmp_path, capsys):
     assert main(["compile", str(spec), "-o", str(out), "--store", "s3://b/p"]) == 0
     stdout = capsys.readouterr().out
     files = sorted(p.name for p in out.glob("*.pipeline.yaml"))
-    assert files == ["demo.aggregate.pipeline.yaml", "demo.shard-1-of-2.pipeline.yaml", "demo.shard-2-of-2.pipeline.yaml"]
+    assert files == ["demo.aggregate.pipeline.yaml", "demo.shard-1-of-2.pipeline.yaml",
+                     "demo.shard-2-of-2.pipeline.yaml"]
     for name in files:
         size = measure_file(out / name)  # the same model compile used, so the same figures
         assert size.end_bytes <= 100 * 1024
