@@ -109,8 +109,10 @@ def _plan_one(args: argparse.Namespace, spec) -> None:
     print(f"workflow size:      largest run {_size_line(largest)}")
     if aggregation is not None:
         print(f"                    aggregation run {_size_line(aggregation)}")
+    from pipelines.workflow_size import CALIBRATED_FOR
+
     print(f"                    (budget {cluster.workflow_budget_bytes / 1024:,.0f} KiB at the end of a run: "
-          "cluster.workflow_budget_bytes; docs/cost-model.md)")
+          f"cluster.workflow_budget_bytes; modelled for {CALIBRATED_FOR}: docs/cost-model.md)")
     if args.estimate:
         from shared.estimate import LLAMA3_8B_A100, estimate, format_estimate, load_cost_table
 
