@@ -29,6 +29,7 @@ def rmu(
     seq_len: int = 256,
     mlp_modules: List[str] = ['down_proj'],
     seed: int = 0,
+    adam_rule: str = 'transformers',
     adam_eps: float = 1e-06,
     weight_decay: float = 0.0,
     forget_corpus: str = 'builtin',
@@ -48,6 +49,9 @@ def rmu(
         seq_len: tokens per document (the paper truncated at 512)
         mlp_modules: which MLP projections of layers l-2..l are trained (WMDP: down_proj)
         seed: seed of the control vector and the document order
+        adam_rule: AdamW update rule: 'transformers' (the reference's transformers.AdamW: eps added
+            to the uncorrected sqrt(v)) or 'torch' (torch.optim.AdamW: eps added to the bias-
+            corrected sqrt(v)) (one of: transformers, torch)
         adam_eps: AdamW epsilon (the reference: 1e-6; torch's default is 1e-8)
         weight_decay: AdamW weight decay (the reference: 0; torch's default is 0.01)
         forget_corpus: text to unlearn: 'builtin', a JSON-lines file or s3://bucket/key
@@ -70,6 +74,7 @@ def rmu(
         seq_len=seq_len,
         mlp_modules=mlp_modules,
         seed=seed,
+        adam_rule=adam_rule,
         adam_eps=adam_eps,
         weight_decay=weight_decay,
     )

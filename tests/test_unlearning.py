@@ -90,11 +90,14 @@ def test_ga_raises_forget_loss_and_trains_only_the_upper_half(tiny_dir: Path) ->
 
 def test_rmu_optimizer_has_the_references_settings() -> None:
     weight = torch.nn.Parameter(torch.zeros(3))
+    from shared.interventions._optim import TransformersAdamW
+
     group = rmu_optimizer([weight], RMUParams()).param_groups[0]
-    assert isinstance(rmu_optimizer([weight], RMUParams()), torch.optim.AdamW)
+    assert isinstance(rmu_optimizer([weight], RMUParams()), TransformersAdamW)  # the reference's update rule
     assert group["eps"] == 1e-6 and group["weight_decay"] == 0.0 and group["lr"] == RMUParams().lr
-    custom = rmu_optimizer([weight], RMUParams(adam_eps=1e-8, weight_decay=0.01)).param_groups[0]
-    assert custom["eps"] == 1e-8 and custom["weight_decay"] == 0.01
+    custom = rmu_optimizer([weight], RMUParams(adam_rule="torch", adam_eps=1e-8, weight_decay=0.01))
+    assert isinstance(custom, torch.optim.AdamW)
+    assert custom.param_groups[0]["eps"] == 1e-8 and custom.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_ga_accumulates_gradients_over_grad_accum_batches(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,8 +39,9 @@ forget texts look alike at these depths); alpha 100 lets the forget
 activations turn to the control direction (cosine 0.85) while utility moves
 by less than a point.
 
-The optimizer is AdamW with the reference's eps 1e-6 and no weight decay
-(``adam_eps``, ``weight_decay``; see :func:`rmu_optimizer`).
+The optimizer is the reference's ``transformers.AdamW`` update rule with
+eps 1e-6 and no weight decay (``adam_rule``, ``adam_eps``, ``weight_decay``;
+see :func:`rmu_optimizer`).
 
 Differences from the reference code, on purpose: the MLP is trained (the
 reference trained the attention output projection by parameter index) and
@@ -51,7 +52,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -81,6 +82,11 @@ class RMUParams(InterventionParams):
         description="which MLP projections of layers l-2..l are trained (WMDP: down_proj)",
     )
     seed: int = Field(0, ge=SEED_MIN, le=SEED_MAX, description="seed of the control vector and the document order")
+    adam_rule: Literal["transformers", "torch"] = Field(
+        "transformers",
+        description="AdamW update rule: 'transformers' (the reference's transformers.AdamW: eps added to the "
+        "uncorrected sqrt(v)) or 'torch' (torch.optim.AdamW: eps added to the bias-corrected sqrt(v))",
+    )
     adam_eps: float = Field(1e-6, gt=0, le=1.0, description="AdamW epsilon (the reference: 1e-6; torch's default is 1e-8)")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay (the reference: 0; torch's default is 0.01)")
 
@@ -168,17 +174,22 @@ def _content_mask(batch: dict[str, torch.Tensor], tokenizer: Any) -> torch.Tenso
 
 
 def rmu_optimizer(parameters: list[torch.nn.Parameter], params: RMUParams) -> torch.optim.Optimizer:
-    """AdamW with the reference's settings (eps 1e-6, no weight decay) unless the spec says otherwise.
+    """The reference's optimizer: ``transformers.AdamW`` (eps 1e-6, no weight decay) unless the spec says otherwise.
 
-    torch's AdamW defaults (eps 1e-8, weight decay 0.01) are not what RMU was
-    published with.  On the built-in model with the default parameters the
-    difference is small: the update with torch's defaults differs from the
-    reference's by 3.1 % (relative norm) after the first batch and 0.8 % after
-    ten (``benchmarks/rmu_optimizer.py``); forget / utility accuracy after the
-    full run is unchanged (0.305 / 0.759).  The reference's values are the
-    default because they are the published method, not because they measure
-    better here.
+    The reference trains with transformers' AdamW, which adds eps to the
+    *uncorrected* sqrt(v) -- in torch's terms an eps of 1e-6/sqrt(1-beta2^t),
+    31.6x larger at step 1 (:mod:`shared.interventions._optim`).  On the
+    built-in model with the default parameters, torch's rule with the same eps
+    gives an update that differs from the reference rule's by about 20 %
+    (relative norm) after the first batch and 6 % after ten
+    (``benchmarks/rmu_optimizer.py``), so the reference rule is the default;
+    ``adam_rule: torch`` is torch.optim.AdamW with ``adam_eps`` and
+    ``weight_decay`` as given.
     """
+    if params.adam_rule == "transformers":
+        from shared.interventions._optim import TransformersAdamW
+
+        return TransformersAdamW(parameters, lr=params.lr, eps=params.adam_eps, weight_decay=params.weight_decay)
     return torch.optim.AdamW(parameters, lr=params.lr, eps=params.adam_eps, weight_decay=params.weight_decay)
 
 
@@ -188,6 +199,7 @@ class RMU(Intervention):
 
     name = "rmu"
     category = Category.UNLEARN
+    version = "2"  # 2: the reference's transformers.AdamW update rule (was torch.optim.AdamW)
     params_model = RMUParams
     sweep_axis = "num_batches"
     data_inputs = ("forget_corpus", "retain_corpus")
