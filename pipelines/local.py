@@ -44,6 +44,9 @@ def run_local(spec: ExperimentSpec, store_uri: str, out_dir: Path, live: bool = 
         enable_caching=False,
     )
     check_model_reachable(spec.model, store_uri)
+    from shared.store import check_writable
+
+    check_writable(open_store(store_uri))  # a read-only store fails now, not at the report after every task
     pipeline = build_pipeline(spec, store_uri, plan, kubernetes=False)
     if live:
         _run_with_live_view(pipeline, out_dir / "logs")

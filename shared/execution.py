@@ -74,28 +74,45 @@ def prepare_base(store_uri: str, model_source: str, trust_remote_code: bool = Fa
     every checkpoint key descends from it, so a base whose tokenizer changed
     (e.g. a corrected EOS) never reuses results computed with the old one.
     """
+    from shared.lease import compute_once
     from shared.models import base_content_digest, load_model, materialize_base
 
     store = open_store(store_uri)
     alias = _alias_key(model_source)
-    if store.has_json(alias):
-        digest = store.get_json(alias)["digest"]
-        key = checkpoint_key(digest, [])
-        if store.has_checkpoint(key):
-            log.info("base model %s found in store (%s)", model_source, key)
-            return digest, key
-    with _temp_dir(store) as tmp:
-        materialize_base(model_source, Path(tmp))
-        model, tokenizer = load_model(Path(tmp), trust_remote_code=trust_remote_code)
-        digest = base_content_digest(model, tokenizer)
-        num_parameters = sum(p.numel() for p in model.parameters())  # tied weights once (the cross-model report's size)
-        del model
-        key = checkpoint_key(digest, [])
-        store.put_checkpoint(key, Path(tmp), {"source": model_source, "model_digest": digest, "steps": [], "records": [],
-                                              "num_parameters": num_parameters})
-    store.put_json(alias, {"digest": digest, "source": model_source})
-    log.info("base model %s stored as %s", model_source, key)
-    return digest, key
+
+    def stored() -> tuple[str, str] | None:
+        if store.has_json(alias):
+            digest = store.get_json(alias)["digest"]
+            key = checkpoint_key(digest, [])
+            if store.has_checkpoint(key):
+                return digest, key
+        return None
+
+    found = stored()
+    if found:
+        log.info("base model %s found in store (%s)", model_source, found[1])
+        return found
+
+    def prepare() -> None:
+        with _temp_dir(store) as tmp:
+            materialize_base(model_source, Path(tmp))
+            model, tokenizer = load_model(Path(tmp), trust_remote_code=trust_remote_code)
+            digest = base_content_digest(model, tokenizer)
+            num_parameters = sum(p.numel() for p in model.parameters())  # tied weights once (the cross-model report's size)
+            del model
+            key = checkpoint_key(digest, [])
+            if not store.has_checkpoint(key):
+                store.put_checkpoint(key, Path(tmp), {"source": model_source, "model_digest": digest, "steps": [],
+                                                      "records": [], "num_parameters": num_parameters})
+        store.put_json(alias, {"digest": digest, "source": model_source})
+        log.info("base model %s stored as %s", model_source, key)
+
+    # one preparation per base model, however many runs start at once (a lease, like every step's)
+    compute_once(store, alias, lambda: stored() is not None, prepare)
+    found = stored()
+    if found is None:
+        raise StoreError(f"base model {model_source}: preparation finished but {alias} names no committed checkpoint")
+    return found
 
 
 def run_step(
@@ -289,7 +306,16 @@ def evaluation_config(evaluator: str, data: ExperimentData, options: dict[str, A
         raise KeyError(f"unknown evaluator {evaluator!r}; allowed: {', '.join(EVALUATOR_DATA)}")
     # options added after results were stored are left out at their default, so those results keep their keys
     keyed = {k: v for k, v in options.items() if OPTIONS_KEYED_ONLY_OFF_DEFAULT.get(k, object()) != v}
-    return {"options": keyed, "data": {name: data.digest(name) for name in EVALUATOR_DATA[evaluator]}}
+    config: dict[str, Any] = {"options": keyed, "data": {name: data.digest(name) for name in EVALUATOR_DATA[evaluator]}}
+    version = EVALUATOR_VERSIONS.get(evaluator, 1)
+    if version != 1:  # version 1 results keep the keys they were stored under
+        config["version"] = version
+    return config
+
+
+#: bump an evaluator's version when what it computes changes, so results of the old code are not reused
+#: (edit 2: generations are continued past space-only tokens and clipped to the kept target length)
+EVALUATOR_VERSIONS = {"edit": 2}
 
 
 def collect_results(store_uri: str, base_digest: str, plan_json: str, data_json: str, options_json: str = "{}"):

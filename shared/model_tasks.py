@@ -240,6 +240,10 @@ def evaluate_model(
         raise ParameterError(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
     check_store_for_pods(model.store_uri)
     store = open_store(model.store_uri)
+    if not store.has_checkpoint(model.key):  # before any lease or result is written
+        from shared.store import NOT_FOUND_CAUSES, CheckpointNotFound
+
+        raise CheckpointNotFound(f"no committed checkpoint {model.key} in {store.uri}; {NOT_FOUND_CAUSES}")
     fields = dict(data_fields or {})
     if "edit" in evaluators:
         fields = resolve_edit_selection(store, model, fields, edits_from)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from shared.data import DataConfig, DataError
 from shared.evaluation import EVALUATORS as EVALUATOR_REGISTRY
@@ -138,11 +138,12 @@ class CompositionSpec(BaseModel):
         "compressor again after it (the paper), 'reproject' snaps the weights back onto the recorded "
         "grid and mask, 'none' leaves the model as the last step left it",
     )
-    include_singles: bool = True
-    include_base: bool = True
+    include_singles: StrictBool = True
+    include_base: StrictBool = True
     max_compositions: int = Field(
         1000,
         ge=1,
+        le=100_000,
         description="refuse a spec that expands into more compositions than this (orders x sweep values, "
         "before edit batches) -- a guard against a typo'd sweep; the paper's largest study has 158",
     )
@@ -232,9 +233,11 @@ class ExperimentSpec(BaseModel):
     model: str = "builtin:smollm2-135m"
     models: list[ModelEntry] = Field(
         default_factory=list,
-        description="several base models: the study runs once per model and a cross-model report compares them",
+        max_length=16,
+        description="several base models (at most 16): the study runs once per model and a cross-model report "
+        "compares them",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = Field(False, description="run the model repository's own code (true/false only)")
     interventions: list[InterventionSpec] = Field(min_length=1)
     compositions: CompositionSpec = Field(default_factory=CompositionSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
@@ -384,11 +387,14 @@ class ExperimentSpec(BaseModel):
         return int(self.compositions.include_base) + sum(prod(sizes[n] for n in order) for order in self.orders())
 
     def _check_size(self) -> None:
-        n = self.composition_count()
+        """The whole study's size against ``max_compositions``: every model's compositions count."""
+        per_model = self.composition_count()
+        n = per_model * max(1, len(self.models))
         limit = self.compositions.max_compositions
         if n > limit:
+            what = f"{len(self.models)} models x {per_model} compositions" if self.models else "orders x sweep values"
             raise ValueError(
-                f"compositions.max_compositions: the spec expands into {n} compositions (orders x sweep values), "
+                f"compositions.max_compositions: the spec expands into {n} compositions ({what}), "
                 f"more than the limit {limit}; shorten a sweep, or raise compositions.max_compositions if you mean it"
             )
 

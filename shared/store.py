@@ -373,7 +373,10 @@ class LocalStore(Store):
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        # created by the first write, never by a read: a reference naming a folder that does not exist
+        # fails without leaving an empty store (and its leases/) behind
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.root} is not a folder")
         self.uri = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
@@ -596,6 +599,10 @@ class LocalStore(Store):
     def checkpoint_meta(self, key: str) -> dict[str, Any]:
         return self._read_manifest(key)["meta"]
 
+    def delete_json(self, key: str) -> None:
+        """Remove a JSON document (the writability probe); missing is fine."""
+        self._path(key).unlink(missing_ok=True)
+
     def put_json(self, key: str, obj: Any) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -663,6 +670,24 @@ def check_store_uri(uri: str) -> str:
         elif parsed.scheme != "file":
             raise StoreError(f"unsupported store URI scheme {parsed.scheme!r}; use a local path, file:// or s3://")
     return uri
+
+
+def check_writable(store: Store) -> None:
+    """Write and remove a small probe object, so a read-only store fails before any work, not at the end.
+
+    Raises :class:`StoreError` naming the store and the cause.
+    """
+    probe = f"probes/{uuid.uuid4().hex}.json"
+    try:
+        store.put_json(probe, {"probe": True})
+    except StoreError as exc:
+        raise StoreError(f"store {store.uri} is not writable: {exc}") from None
+    except OSError as exc:
+        raise StoreError(f"store {store.uri} is not writable ({exc.strerror or exc})") from None
+    try:
+        store.delete_json(probe)
+    except (StoreError, OSError) as exc:
+        log.warning("could not remove the writability probe %s from %s: %s", probe, store.uri, exc)
 
 
 def open_store(uri: str) -> Store:

@@ -431,6 +431,11 @@ class S3Store(Store):
         except BotoCoreError as exc:
             raise self._translate(exc, f"read {key}") from None
 
+    def delete_json(self, key: str) -> None:
+        """Remove a JSON document (the writability probe); missing is fine."""
+        with self._errors(f"delete {key}"):
+            self._client.delete_object(Bucket=self.bucket, Key=self._object(key))
+
     def put_json(self, key: str, obj: Any) -> None:
         """One PUT: S3 replaces an object atomically, so readers see the old or the new document."""
         name = self._object(key)

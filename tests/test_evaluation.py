@@ -489,3 +489,42 @@ def test_default_mcq_format_is_not_part_of_result_keys() -> None:
     plain = evaluation_config("utility", data, {"batch_size": 16})
     assert evaluation_config("utility", data, {"batch_size": 16, "mcq_format": "cloze"}) == plain
     assert evaluation_config("utility", data, {"batch_size": 16, "mcq_format": "letters"}) != plain
+
+
+def test_token_f1_clips_to_the_target_left_after_dropping_its_space_tokens() -> None:
+    """' 1969' is [' ', '1', '9', '6', '9']: the newline after the answer gets no fifth slot (issue 29)."""
+    space, newline = 216, 198
+    target = [space, 33, 41, 38, 41]
+    assert token_f1([space, 33, 41, 38, 41, newline], target, ignore_ids={space}) == 1.0
+    # ' 1 9 2 8' generated with spaces between the digits: all four digits count once the spaces are dropped
+    assert token_f1([space, 33, space, 41, space, 34, space, 40], [space, 33, 41, 34, 40], ignore_ids={space}) == 1.0
+
+
+def test_edit_results_of_the_old_metric_are_not_reused() -> None:
+    from shared.data import ExperimentData
+    from shared.execution import evaluation_config
+
+    assert evaluation_config("edit", ExperimentData(), {})["version"] == 2
+    assert "version" not in evaluation_config("perplexity", ExperimentData(), {})  # other keys unchanged
+
+
+@pytest.mark.slow
+def test_a_real_leading_space_generation_scores_the_answer(monkeypatch, smollm2_dir) -> None:
+    """The built-in model, shown answers after three spaces, answers '  Paris' as a space token then ' Paris'.
+
+    With a budget of one token (the target's length) that generation was [' '] and scored 0.0; the
+    evaluator now continues it until the answer fills the target after the space is dropped.
+    """
+    import shared.evaluation.edit as edit
+    from shared.data import EditRecord
+
+    model, tok = load_model(smollm2_dir)
+    monkeypatch.setattr(edit, "EDIT_PREAMBLE", "Question: What is the capital of Italy?\nAnswer:   Rome\n"
+                        "Question: Who discovered penicillin?\nAnswer:   Alexander Fleming\n")
+    record = EditRecord(subject="France", src="What is the capital of France?", alt="Paris",
+                        rephrase=["What is the capital of France?"], loc="Who wrote Hamlet?", loc_ans="William Shakespeare")
+    prompt, target = edit.encode_edit_example(tok, record.src, record.alt)
+    first = edit.greedy_generate(model, [prompt], [len(target)], tok.pad_token_id, tok.eos_token_id)[0]
+    assert len(first) == 1 and tok.decode(first).strip() == ""  # the real generation starts with a space token
+    scores = edit.evaluate_edits(model, tok, [record])
+    assert scores["edit_success"] == 1.0 and scores["edit_locality"] == 1.0

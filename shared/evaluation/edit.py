@@ -87,17 +87,22 @@ def token_f1(
     In the paper's order: first the ``ignore_ids`` (space-only tokens and the
     pad/BOS/EOS ids; see :func:`ignored_token_ids`) are removed from the
     generation and the target, *then* the generation is clipped to the
-    target's length (the model is only asked for as many tokens as the answer
-    has; whatever it says afterwards is not part of the answer).  So a stray
-    leading space does not use up the one-token budget of a one-token answer
-    (``'  Paris'`` against ``' Paris'`` scores 1.0).  With ``G`` and ``T`` the
-    remaining sets and ``C = G & T``: precision ``|C|/|G|``, recall
-    ``|C|/|T|``, F1 ``2PR/(P+R)``; 0 when ``C`` is empty.
+    length of what is left of the target (whatever the model says after the
+    answer is not part of it).  So a stray leading space does not use up the
+    one-token budget of a one-token answer (``'  Paris'`` against ``' Paris'``
+    scores 1.0), and a target that itself starts with a space-only token
+    (``' 1969'`` is ``[' ', '1', '9', '6', '9']``) is not given a fifth slot
+    for the newline after the answer.  With ``G`` and ``T`` the remaining sets
+    and ``C = G & T``: precision ``|C|/|G|``, recall ``|C|/|T|``, F1
+    ``2PR/(P+R)``; 0 when ``C`` is empty.  The generation handed in must be
+    long enough to fill the target after the ignored tokens are dropped
+    (:func:`evaluate_edits` generates until it is).
     """
     ignore = set(ignore_ids)
     kept = [int(t) for t in generated_ids if int(t) not in ignore]
-    gen = set(kept[: len(target_ids)])
-    tgt = {int(t) for t in target_ids} - ignore
+    kept_target = [int(t) for t in target_ids if int(t) not in ignore]
+    gen = set(kept[: len(kept_target)])
+    tgt = set(kept_target)
     common = gen & tgt
     if not common:
         return 0.0
@@ -192,6 +197,52 @@ def greedy_generate(
     return results
 
 
+#: at most this many tokens beyond the target's length are generated per answer, to make up for the
+#: space-only tokens the metric drops (a generation ``' 1 9 2 8'`` needs 8 tokens for a 4-digit answer)
+MAX_EXTRA_TOKENS = 16
+
+
+def _fill_generations(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    generations: list[list[int]],
+    budgets: list[int],
+    eos: int | list[int] | None,
+    batch_size: int,
+) -> list[list[int]]:
+    """Continue every generation that stopped at its budget before it had as many kept tokens as its target.
+
+    Why: the model is asked for as many tokens as the target has, but the
+    metric first drops space-only tokens, so a generation ``'  Paris'`` (a
+    space token, then ``' Paris'``) spent its one-token budget on the space
+    and scored 0 (the paper's code generates further, then drops, then
+    clips).  Rows that ended at EOS are finished; the others get exactly the
+    missing number of tokens, again and again, up to :data:`MAX_EXTRA_TOKENS`
+    beyond the target's length.  Rows already filled cost nothing.
+    """
+    generations = [list(g) for g in generations]
+    budgets = list(budgets)
+    while True:
+        seen = {tok for seq in list(generations) + list(targets) for tok in seq}
+        ignore = ignored_token_ids(tokenizer, seen)
+        todo: list[tuple[int, int]] = []
+        for i, (gen, tgt) in enumerate(zip(generations, targets, strict=True)):
+            stopped_at_eos = len(gen) < budgets[i]
+            missing = sum(t not in ignore for t in tgt) - sum(t not in ignore for t in gen)
+            room = len(tgt) + MAX_EXTRA_TOKENS - budgets[i]
+            if not stopped_at_eos and missing > 0 and room > 0:
+                todo.append((i, min(missing, room)))
+        if not todo:
+            return generations
+        more = greedy_generate(model, [list(prompts[i]) + generations[i] for i, _n in todo], [n for _i, n in todo],
+                               _pad_token_id(tokenizer), eos, batch_size=batch_size)
+        for (i, n), extra in zip(todo, more, strict=True):
+            generations[i].extend(extra)
+            budgets[i] += n
+
+
 def evaluate_edits(
     model: Any,
     tokenizer: Any,
@@ -201,9 +252,11 @@ def evaluate_edits(
 ) -> Scores:
     """Edit success, generalization and locality (token F1, averaged over the records).
 
-    ``max_new_tokens=None`` generates exactly as many tokens as each target has
-    (the F1 clips to that length anyway, so more would be wasted compute);
-    an integer fixes the budget for every prompt (still clipped for scoring).
+    ``max_new_tokens=None`` generates as many tokens as each target has, and
+    more where space-only tokens (which the metric drops) used up that budget
+    before the answer was complete (:func:`_fill_generations`); the F1 clips
+    to the target's length, so more would be wasted compute.  An integer fixes
+    the budget for every prompt (still clipped for scoring).
     Returns ``{"edit_success", "edit_generalization", "edit_locality"}`` with
     each record's score attached (:class:`shared.item_scores.Scores`).
     """
@@ -233,6 +286,8 @@ def evaluate_edits(
         generations = greedy_generate(
             model, prompts, budgets, _pad_token_id(tokenizer), eos, batch_size=batch_size
         )
+        if max_new_tokens is None:
+            generations = _fill_generations(model, tokenizer, prompts, targets, generations, budgets, eos, batch_size)
     finally:
         model.train(was_training)
 
