@@ -196,6 +196,7 @@ def apply_step(
     log.info("applied %s in %.1f s", method.name, seconds)
 
     new_state = record.pop("state", None)
+    _check_output_finite(method.name, params.model_dump(mode="json"), parent_key, model, new_state)
     compression = _next_compression(parent_meta.get("compression"), record.get("compression"), method.category.value)
     meta = {
         "base_digest": base_digest,
@@ -211,6 +212,21 @@ def apply_step(
         _write_state(Path(tmp), folder, parent_meta.get("compression"), new_state)
         store.put_checkpoint(key, Path(tmp), meta)
     return key
+
+
+def _check_output_finite(method: str, params: dict[str, Any], parent_key: str, model: Any,
+                         state: dict[str, Any] | None) -> None:
+    """Refuse to commit a step whose weights (or compression state) hold NaN or inf: one line naming the step.
+
+    Raised before anything is written, so the store is left as it was; the
+    step's parameters are in the message because they are what to change.
+    """
+    from shared.finite import check_finite_tensors
+
+    what = f"{method} with params {json.dumps(params, sort_keys=True)} on {parent_key}"
+    check_finite_tensors(model, f"{what} made the weights non-finite", "nothing committed")
+    if state and state.get("tensors"):
+        check_finite_tensors(state["tensors"], f"{what} made its compression state non-finite", "nothing committed")
 
 
 def verified_checkpoint(store: Store, key: str, trust_remote_code: bool = False) -> tuple[Path, dict[str, Any]]:

@@ -373,7 +373,8 @@ def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[s
     import torch
 
     from shared.evaluation import EvalOptions, get_evaluator
-    from shared.item_scores import check_consistent, item_scores_of, items_to_json
+    from shared.finite import check_finite_tensors
+    from shared.item_scores import check_consistent, check_finite_scores, item_scores_of, items_to_json
     from shared.models import default_threads, load_model
 
     if todo:
@@ -383,12 +384,16 @@ def _evaluate_missing(store: Any, model: ModelRef, todo: list[str], keys: dict[s
         default_threads(os.environ.get("LMCOMPOSE_EVAL_THREADS"))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
         loaded, tokenizer = load_model(folder, dtype=dtype)
+        # a NaN model's "scores" are whatever argmax makes of NaN logits: refuse it before any evaluator runs
+        check_finite_tensors(loaded, f"{', '.join(todo)}: model {model.key} is not finite",
+                             "refusing to evaluate it; nothing stored")
         opts = EvalOptions.model_validate({**eval_options, "compression": manifest["meta"].get("compression")})
         for evaluator in todo:
             started = time.time()
             scores = get_evaluator(evaluator)(loaded, tokenizer, data, opts)
             criteria = {k: float(v) for k, v in scores.items()}
             items = item_scores_of(scores)
+            check_finite_scores(evaluator, criteria, items, model.key)
             check_consistent(criteria, items)
             document = {"model_key": model.key, "evaluator": evaluator, "criteria": criteria,
                         "seconds": time.time() - started}

@@ -153,9 +153,9 @@ class EvaluationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     evaluators: list[str] = Field(default_factory=lambda: list(EVALUATORS))
     batch_size: int = Field(16, ge=1, le=512)
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N questions of each MCQ set")
+    limit: int | None = Field(None, ge=1, le=10**9, description="evaluate only the first N questions of each MCQ set")
     max_length: int = Field(256, ge=16, le=8192, description="perplexity window in tokens")
-    parallelism: int = Field(0, ge=0, description="evaluation tasks running at once (0: no limit; kfp.local runs two)")
+    parallelism: int = Field(0, ge=0, le=10_000, description="evaluation tasks running at once (0: no limit; kfp.local runs two)")
     dtype: Literal["float32", "bfloat16"] = Field(
         "bfloat16",
         description="precision every model is evaluated in, whatever the dtype its last step left "
@@ -506,10 +506,23 @@ def parse_spec(raw: dict[str, Any], check_data: bool = True, fetch_remote: bool 
     """
     if not isinstance(raw, dict):
         raise SpecError("spec: the top level must be a mapping")
+    from shared.finite import spec_number_problems
+
+    # YAML's .inf/.nan are numbers: refused wherever they stand (.inf crashed the compiled pipeline's protobuf)
+    non_finite, too_large = spec_number_problems(raw)
+    if non_finite:
+        raise SpecError("{}: {}".format(*non_finite[0]))
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(_format_validation_error(exc)) from None
+    # a field's own bound names it best (above); what no bound caught, this does -- a string such as
+    # 'inf' in a float field (cluster.timeout_hours) is a number only after validation
+    if spec.cluster:
+        cluster_non_finite, cluster_large = spec_number_problems(spec.cluster_config(), "cluster")
+        too_large = cluster_non_finite + too_large + cluster_large
+    if too_large:
+        raise SpecError("{}: {}".format(*too_large[0]))
     if check_data:
         try:
             spec.data.check_files(fetch_remote=fetch_remote)
