@@ -97,6 +97,10 @@ def prepare_base(store_uri: str, model_source: str, trust_remote_code: bool = Fa
         with _temp_dir(store) as tmp:
             materialize_base(model_source, Path(tmp))
             model, tokenizer = load_model(Path(tmp), trust_remote_code=trust_remote_code)
+            from shared.finite import check_finite_tensors
+
+            # a base with NaN/inf weights would give "results" for every composition made from it
+            check_finite_tensors(model, f"base model {model_source} is not finite", "nothing stored")
             digest = base_content_digest(model, tokenizer)
             num_parameters = sum(p.numel() for p in model.parameters())  # tied weights once (the cross-model report's size)
             del model

@@ -282,3 +282,17 @@ def test_a_forged_reference_file_is_refused_not_replaced_by_the_metadata(tmp_pat
         read_model(SimpleNamespace(path=str(path), uri="u", metadata=meta))
     path.unlink()
     assert read_model(SimpleNamespace(path=str(path), uri="u", metadata=meta)) == real  # file not kept: metadata
+
+
+def test_a_base_folder_with_nan_weights_is_refused_and_nothing_stored(tmp_path, cache, hf_folder):
+    from shared.finite import NonFiniteError
+
+    path = hf_folder / "model.safetensors"
+    tensors = load_file(str(path))
+    name = sorted(k for k in tensors if k.endswith("down_proj.weight"))[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    store = tmp_path / "store"
+    with pytest.raises(NonFiniteError, match=r"base model .* is not finite: .*down_proj.*nothing stored"):
+        prepare_base_model(str(hf_folder), str(store))
+    assert not list(store.rglob("manifest.json")) and not list(store.rglob("alias/*.json"))
