@@ -352,8 +352,12 @@ def test_makefile_image_defaults_match_components_and_pyproject(monkeypatch):
 def test_compiled_pipeline_names_the_makefile_images(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in IMAGE_ENV}
     out = tmp_path / "demo.pipeline.yaml"
+    # the demo's 135M model runs on CPU nodes by default; asking for GPUs makes it name both images
+    raw = yaml.safe_load((ROOT / "pipelines" / "experiments" / "demo.yaml").read_text())
+    spec = tmp_path / "demo-gpu.yaml"
+    spec.write_text(yaml.safe_dump({**raw, "cluster": {**(raw.get("cluster") or {}), "accelerator": "gpu"}}))
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "lmcompose"), "compile", "pipelines/experiments/demo.yaml",
+        [str(Path(sys.executable).parent / "lmcompose"), "compile", str(spec),
          "-o", str(out), "--store", "s3://bucket/prefix"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
