@@ -762,11 +762,9 @@ def check(out_dir: str | os.PathLike[str] = DEFAULT_OUT) -> list[str]:
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = _render_clean(Path(tmp))
-    present = catalog_files(out)
-    problems = [f"missing: {out / n}" for n in sorted(fresh) if n not in present]
-    problems += [f"stale: {out / n}" for n in sorted(fresh) if n in present and present[n] != fresh[n]]
-    problems += [f"extra (not in the catalog): {out / n}" for n in sorted(present) if n not in fresh]
-    return problems
+    from pipelines.component_yaml import file_differences
+
+    return file_differences(out, fresh, catalog_files(out), "not in the catalog")
 
 
 def main(argv: list[str] | None = None) -> int:

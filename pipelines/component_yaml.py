@@ -119,9 +119,14 @@ def check(out_dir: str | os.PathLike[str] = DEFAULT_OUT) -> list[str]:
         _compile_clean(Path(tmp))
         fresh = {p.name: p.read_bytes() for p in Path(tmp).glob("*.yaml")}
     present = {p.name: p.read_bytes() for p in out.glob("*.yaml")} if out.is_dir() else {}
+    return file_differences(out, fresh, present, "no such component")
+
+
+def file_differences(out: Path, fresh: dict[str, bytes], present: dict[str, bytes], extra_reason: str) -> list[str]:
+    """Missing, stale and extra files of a generated folder: ``fresh`` is what generation writes, ``present`` what is there."""
     problems = [f"missing: {out / n}" for n in sorted(fresh) if n not in present]
     problems += [f"stale: {out / n}" for n in sorted(fresh) if n in present and present[n] != fresh[n]]
-    problems += [f"extra (no such component): {out / n}" for n in sorted(present) if n not in fresh]
+    problems += [f"extra ({extra_reason}): {out / n}" for n in sorted(present) if n not in fresh]
     return problems
 
 
