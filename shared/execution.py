@@ -189,18 +189,30 @@ def apply_step(
     extra: dict[str, Any] = {}
     if method.reads_compression_state:
         extra["state"] = (parent_state, parent_grid_args)
-    if method.uses_tensor_cache:
-        from shared.cache import cached_tensors
+    content = ""
+    if method.uses_tensor_cache or method.uses_lineage_state:
         from shared.models import model_digest
 
         content = model_digest(model)  # statistics belong to this exact model state, never to a name
-        extra["cache"] = lambda name, config, compute: cached_tensors(store, name, content, config, compute)
+    if method.uses_tensor_cache:
+        extra["cache"] = _content_cache(store, content)
+    if method.uses_lineage_state:
+        from shared.lineage_state import Lineage, load_entry
+
+        extra["lineage"] = Lineage(entry=load_entry(folder, method.name), parent_key=parent_key, model_digest=content,
+                                   statistics_of=_lineage_statistics(store, trust_remote_code))
     record = method.apply(model, tokenizer, params, data, **extra) or {}
     seconds = time.time() - started
     log.info("applied %s in %.1f s", method.name, seconds)
 
     new_state = record.pop("state", None)
+    new_lineage = record.pop("lineage_state", None)
     _check_output_finite(method.name, params.model_dump(mode="json"), parent_key, model, new_state)
+    if new_lineage is not None:
+        from shared.finite import check_finite_tensors
+
+        check_finite_tensors(new_lineage.tensors, f"{method.name} on {parent_key} made its lineage state non-finite",
+                             "nothing committed")
     compression = _next_compression(parent_meta.get("compression"), record.get("compression"), method.category.value)
     meta = {
         "base_digest": base_digest,
@@ -214,8 +226,65 @@ def apply_step(
     with _temp_dir(store) as tmp:
         save_model(model, tokenizer, Path(tmp))
         _write_state(Path(tmp), folder, parent_meta.get("compression"), new_state)
+        from shared.lineage_state import carry
+
+        carry(folder, Path(tmp), method.name, new_lineage)  # e.g. AlphaEdit's protected keys, for later steps
         store.put_checkpoint(key, Path(tmp), meta)
     return key
+
+
+def _content_cache(store: Store, digest: str) -> Any:
+    """A ``cache(name, config, compute)`` callable bound to a model's content digest (``.model_digest``)."""
+    from shared.cache import cached_tensors
+
+    def cache(name: str, config: dict[str, Any], compute: Any) -> Any:
+        return cached_tensors(store, name, digest, config, compute)
+
+    cache.model_digest = digest  # type: ignore[attr-defined]
+    return cache
+
+
+class _CheckpointModel:
+    """A stored checkpoint's model, loaded at its first use (a cache hit never loads it); its digest is checked."""
+
+    def __init__(self, store: Store, key: str, digest: str, trust_remote_code: bool) -> None:
+        self._args = (store, key, digest, trust_remote_code)
+        self._model: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._model is None:
+            from shared.models import load_model, model_digest, step_dtype
+
+            store, key, digest, trust = self._args
+            if not key:
+                raise StoreError(f"the key statistics of model {digest[:12]} are not cached and no checkpoint key "
+                                 "names that model")
+            folder, _ = verified_checkpoint(store, key, trust)
+            model, _tok = load_model(folder, dtype=step_dtype(), trust_remote_code=trust)
+            if model_digest(model) != digest:
+                raise StoreError(f"checkpoint {key} does not hold model {digest[:12]} (its content changed)")
+            log.info("loaded %s to measure its key statistics", key)
+            self._model = model
+        return getattr(self._model, name)
+
+
+def _lineage_statistics(store: Store, trust_remote_code: bool) -> Any:
+    """``(digest, key, windows, layers) -> (covs, info)``: key statistics of an earlier checkpoint of a lineage.
+
+    Through the content-keyed cache under that model's digest (what its own
+    step stored); on a miss the checkpoint ``key`` is loaded and measured.
+    """
+
+    def statistics_of(digest: str, key: str, windows: list[list[int]], layers: list[int]) -> Any:
+        from shared.interventions._memit_stats import cached_key_second_moments
+        from shared.interventions.memit import STATS_CORPUS
+
+        model = _CheckpointModel(store, key, digest, trust_remote_code)
+        return cached_key_second_moments(model, windows, layers, STATS_CORPUS, _content_cache(store, digest))
+
+    return statistics_of
 
 
 def _check_output_finite(method: str, params: dict[str, Any], parent_key: str, model: Any,

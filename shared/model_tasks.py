@@ -436,6 +436,7 @@ def export_model(model: ModelRef, dest: str | Path, export_format: str = "auto")
     from shared.compression_state import STATE_FILE, grid_distance, grid_layers, load_state
     from shared.execution import verified_checkpoint
     from shared.export import GRID_TOLERANCE, export_compressed, folder_bytes
+    from shared.lineage_state import LINEAGE_DIR
     from shared.store import MANIFEST, VERIFIED_STAMP
 
     validated_export_format(export_format)
@@ -469,7 +470,7 @@ def export_model(model: ModelRef, dest: str | Path, export_format: str = "auto")
         skip = {MANIFEST, VERIFIED_STAMP, STATE_FILE}
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if path.is_file() and rel.as_posix() not in skip:
+            if path.is_file() and rel.as_posix() not in skip and rel.parts[0] != LINEAGE_DIR:  # store-internal state
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, dest / rel)
     meta = {k: v for k, v in artifact_metadata(model, manifest).items() if k not in ("lmcompose_format", "store", "key")}

@@ -88,6 +88,10 @@ class Intervention(ABC):
     reads_compression_state: ClassVar[bool] = False
     #: whether :meth:`apply` takes ``cache=``: a store-backed tensor cache keyed by the model's content
     uses_tensor_cache: ClassVar[bool] = False
+    #: whether :meth:`apply` takes ``lineage=``: the state an earlier step of the same method left along this
+    #: model's lineage (:mod:`shared.lineage_state`; AlphaEdit's protected keys), and returns its own as
+    #: ``record["lineage_state"]``
+    uses_lineage_state: ClassVar[bool] = False
 
     def parse_params(self, raw: dict[str, Any] | None) -> InterventionParams:
         """Validate raw parameters (raises pydantic.ValidationError naming the field)."""
