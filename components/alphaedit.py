@@ -21,17 +21,18 @@ METHOD = "alphaedit"
 def alphaedit(
     model: Input[Model],
     v_steps: int = 25,
-    v_lr: float = 0.5,
-    v_weight_decay: float = 0.001,
-    clamp_norm_factor: float = 4.0,
+    v_lr: float = 0.1,
+    v_weight_decay: float = 0.005,
+    clamp_norm_factor: float = 0.75,
     kl_factor: float = 0.0625,
     kl_template: str = '{} is a',
     v_loss_threshold: float = 0.05,
-    stats_tokens: int = 8192,
+    stats_tokens: int = 32768,
     stats_seq_len: int = 256,
     layers: List[int] = [3, 4, 5, 6, 7],
     nullspace_threshold: float = 0.02,
     l2: float = 10.0,
+    protect_previous_edits: bool = True,
     edits: str = 'builtin',
     num_edits: int = 10,
     edit_seed: int = 0,
@@ -44,19 +45,23 @@ def alphaedit(
     Args:
         model: the model to act on -- the 'model' output of prepare_base or of another intervention.
         v_steps: Adam steps of the target-value optimization
-        v_lr: Adam learning rate of the target deltas
-        v_weight_decay: weight of ||delta||^2 / ||h||^2 in the target-value loss
+        v_lr: Adam learning rate of the target deltas (reference: 0.1)
+        v_weight_decay: weight of ||delta||^2 / ||h||^2 in the target-value loss (the reference's
+            0.5 * ||delta|| / ||h||^2 at the clamp radius on SmolLM2-135M)
         clamp_norm_factor: ||delta|| is clamped to this multiple of the original residual norm ||h||
         kl_factor: weight of the KL term on the essence prompt (kl_template)
         kl_template: essence prompt; '{}' is replaced by the subject
-        v_loss_threshold: stop the target optimization once every edit's target NLL is below this
+        v_loss_threshold: stop the target optimization once every edit's total loss (NLL + KL +
+            decay) is below this
         stats_tokens: tokens of the retain corpus used for the covariance (fewer if the corpus is
-            shorter)
+            shorter); 32768: measured convergence of C^-1 k*, docs/editing.md 'Key statistics'
         stats_seq_len: window length of the covariance pass
         layers: decoder layers whose MLP down_proj is edited (0-based); targets are set at the last
         nullspace_threshold: eigenvalues of E[k k^T] below this span the protected null space
             (absolute)
-        l2: alpha: ridge term of (P K K^T + alpha I)^-1
+        l2: alpha: ridge term of (P (K K^T + K_p K_p^T) + alpha I)^-1
+        protect_previous_edits: add the keys of earlier AlphaEdit steps on this model's lineage
+            (K_p) to the normal equations, as the reference's sequential editing does
         edits: zsRE-style edit records: 'builtin', a JSON-lines file or s3://bucket/key
         num_edits: edits per batch
         edit_seed: seed choosing which records form the batches
@@ -83,6 +88,7 @@ def alphaedit(
         layers=layers,
         nullspace_threshold=nullspace_threshold,
         l2=l2,
+        protect_previous_edits=protect_previous_edits,
     )
     data = dict(
         edits=edits,

@@ -27,7 +27,7 @@ def memit(
     kl_factor: float = 0.0625,
     kl_template: str = '{} is a',
     v_loss_threshold: float = 0.05,
-    stats_tokens: int = 8192,
+    stats_tokens: int = 32768,
     stats_seq_len: int = 256,
     layers: List[int] = [3, 4, 5, 6, 7],
     mom2_update_weight: float = 5000.0,
@@ -48,9 +48,10 @@ def memit(
         clamp_norm_factor: ||delta|| is clamped to this multiple of the original residual norm ||h||
         kl_factor: weight of the KL term on the essence prompt (kl_template)
         kl_template: essence prompt; '{}' is replaced by the subject
-        v_loss_threshold: stop the target optimization once every edit's target NLL is below this
+        v_loss_threshold: stop the target optimization once every edit's total loss (NLL + KL +
+            decay) is below this
         stats_tokens: tokens of the retain corpus used for the covariance (fewer if the corpus is
-            shorter)
+            shorter); 32768: measured convergence of C^-1 k*, docs/editing.md 'Key statistics'
         stats_seq_len: window length of the covariance pass
         layers: decoder layers whose MLP down_proj is edited (0-based); targets are set at the last
         mom2_update_weight: lambda: weight of the key covariance C in (lambda C + K K^T)^-1

@@ -27,7 +27,7 @@ def rome(
     kl_factor: float = 0.0625,
     kl_template: str = '{} is a',
     v_loss_threshold: float = 0.05,
-    stats_tokens: int = 8192,
+    stats_tokens: int = 32768,
     stats_seq_len: int = 256,
     layer: int = 5,
     cov_ridge: float = 1e-06,
@@ -48,9 +48,10 @@ def rome(
         clamp_norm_factor: ||delta|| is clamped to this multiple of the original residual norm ||h||
         kl_factor: weight of the KL term on the essence prompt (kl_template)
         kl_template: essence prompt; '{}' is replaced by the subject
-        v_loss_threshold: stop the target optimization once every edit's target NLL is below this
+        v_loss_threshold: stop the target optimization once every edit's total loss (NLL + KL +
+            decay) is below this
         stats_tokens: tokens of the retain corpus used for the covariance (fewer if the corpus is
-            shorter)
+            shorter); 32768: measured convergence of C^-1 k*, docs/editing.md 'Key statistics'
         stats_seq_len: window length of the covariance pass
         layer: the decoder layer whose MLP down_proj is edited (0-based)
         cov_ridge: relative ridge added to C before solving C x = k* (numerical guard)

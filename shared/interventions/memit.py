@@ -15,7 +15,9 @@ stages:
    ``v_weight_decay`` x ‖δᵢ‖²/‖hᵢ‖²; after every step ‖δᵢ‖ is clamped to
    ``clamp_norm_factor`` x ‖hᵢ‖, where ``hᵢ`` is the original residual
    stream (output of layer ``L``) at that position.  The target is
-   ``zᵢ = hᵢ + δᵢ``.
+   ``zᵢ = hᵢ + δᵢ``.  The optimization stops once every edit's total loss
+   (NLL + KL + decay) is below ``v_loss_threshold``, as the reference's
+   ``loss < 5e-2`` (it used to be the NLL alone).
 2. **Spreading.**  For each edited layer ``l`` in order, with the model as
    updated so far: keys ``K`` (d_in x n) at layer ``l`` and the residual
    ``R = (Z - H_L) / (#layers left)`` (the still-missing part of the target,
@@ -137,10 +139,13 @@ class EditTargetParams(InterventionParams):
     )
     kl_template: str = Field("{} is a", description="essence prompt; '{}' is replaced by the subject")
     v_loss_threshold: float = Field(
-        0.05, ge=0, le=1000.0, description="stop the target optimization once every edit's target NLL is below this"
+        0.05, ge=0, le=1000.0,
+        description="stop the target optimization once every edit's total loss (NLL + KL + decay) is below this",
     )
     stats_tokens: int = Field(
-        8192, ge=64, le=10**10, description="tokens of the retain corpus used for the covariance (fewer if the corpus is shorter)"
+        32768, ge=64, le=10**10,
+        description="tokens of the retain corpus used for the covariance (fewer if the corpus is shorter); "
+        "32768: measured convergence of C^-1 k*, docs/editing.md 'Key statistics'",
     )
     stats_seq_len: int = Field(256, ge=8, le=8192, description="window length of the covariance pass")
 
@@ -373,8 +378,18 @@ class TargetResult:
     steps: int
 
 
-def optimize_targets(model: Any, tokenizer: Any, sites: list[EditSite], layer: int, params: EditTargetParams) -> TargetResult:
-    """Stage 1: the residual-stream value ``z = h + δ`` at ``layer``'s output for every edit (see module doc)."""
+def optimize_targets(
+    model: Any, tokenizer: Any, sites: list[EditSite], layer: int, params: EditTargetParams, norm_of: str = "layer"
+) -> TargetResult:
+    """Stage 1: the residual-stream value ``z = h + δ`` at ``layer``'s output for every edit (see module doc).
+
+    ``norm_of`` names the vector whose norm scales the clamp and the weight
+    decay: ``"layer"`` -- the layer's output ``h`` (the residual stream; MEMIT's
+    and AlphaEdit's ``compute_z``), ``"mlp"`` -- the MLP's output at that
+    position (ROME's ``compute_v``, which adds its delta there).
+    """
+    if norm_of not in ("layer", "mlp"):
+        raise ValueError(f"norm_of must be 'layer' or 'mlp', not {norm_of!r}")
     n = len(sites)
     device = next(model.parameters()).device
     blocks = model.model.layers
@@ -407,10 +422,12 @@ def optimize_targets(model: Any, tokenizer: Any, sites: list[EditSite], layer: i
     kl_count = torch.bincount(kl_edit_t, minlength=n).float()
 
     delta = torch.zeros(n, dim, device=device, requires_grad=True)
-    state: dict[str, Any] = {"batch": None, "h": {}}
+    state: dict[str, Any] = {"batch": None, "h": {}, "mlp": {}}
 
     def add_delta(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
         b: _RowBatch = state["batch"]
+        if id(b) not in state["mlp"]:  # first step: the MLP's own output there (ROME's norm reference)
+            state["mlp"][id(b)] = output[b.rows, b.delta_pos].detach().float()
         return output.index_put((b.rows, b.delta_pos), delta[b.edit].to(output.dtype), accumulate=True)
 
     def grab_h(_module: Any, _args: Any, output: Any) -> None:
@@ -438,7 +455,14 @@ def optimize_targets(model: Any, tokenizer: Any, sites: list[EditSite], layer: i
                 for batch, members, _, _ in batches.groups:
                     by_row[torch.tensor(members, device=device)] = state["h"][id(batch)]
                 h = by_row[:n]
-                h_norm = h.norm(dim=-1)
+                if norm_of == "mlp":
+                    mlp_by_row = torch.empty(batches.num_rows, dim, device=device)
+                    for batch, members, _, _ in batches.groups:
+                        mlp_by_row[torch.tensor(members, device=device)] = state["mlp"][id(batch)]
+                    h_norm = mlp_by_row[:n].norm(dim=-1)
+                else:
+                    h_norm = h.norm(dim=-1)
+                h_norm = h_norm.clamp_min(1e-12)
             tok_nll = -logp[:n_loss].gather(1, loss_tok_t[:, None])[:, 0]
             nll = torch.zeros(n, device=device).index_add(0, loss_edit_t, tok_nll) / tok_count
             kl_logp = logp[n_loss:]
@@ -452,7 +476,8 @@ def optimize_targets(model: Any, tokenizer: Any, sites: list[EditSite], layer: i
             if step == 0:
                 nll_initial = nll_now.cpu().tolist()
             log.debug("memit z step %d: nll %.3f kl %.4f", step, float(nll_now.mean()), float(kl_term.detach().mean()))
-            if float(nll_now.max()) < params.v_loss_threshold or step == params.v_steps - 1:
+            # the reference's stop rule is on the total loss (NLL + KL + decay), each edit's here
+            if float(loss.detach().max()) < params.v_loss_threshold or step == params.v_steps - 1:
                 break
             loss.sum().backward()
             optimizer.step()
@@ -596,11 +621,27 @@ def check_edit_layers(model: Any, layers: list[int], method: str) -> None:
         raise ValueError(f"{method} layers {layers} out of range: the model has {num} layers")
 
 
+def _finite_or_none(value: float, digits: int = 4) -> float | None:
+    return round(float(value), digits) if value == value and abs(value) != float("inf") else None
+
+
 def statistics_record(info: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The ``statistics`` part of an editor's record (where C came from, whether the cache had it)."""
+    """The ``statistics`` part of an editor's record (where C came from, whether the cache had it, how settled it is).
+
+    ``tokens`` / ``windows``: the sample count of ``C``; ``stability``: per
+    layer, the split-half cosine of ``C⁻¹ k`` on held-out keys
+    (:func:`shared.interventions._memit_stats.split_half_stability`; 1.0 =
+    both halves of the text give the same edit direction; None for a single
+    window), and ``stability_min`` its smallest value.
+    """
+    stability = {str(layer): _finite_or_none(v) for layer, v in info.get("stability", {}).items()}
+    finite = [v for v in stability.values() if v is not None]
     return {
         "corpus": STATS_CORPUS,
         "tokens": info["tokens"],
+        "windows": info.get("windows"),
+        "stability": stability,
+        "stability_min": min(finite) if finite else None,
         "cache_hit": info["cache_hit"],
         "computed_layers": info["computed_layers"],
         "compute_seconds": info["compute_seconds"],
@@ -619,13 +660,27 @@ class MEMIT(Intervention):
     name = "memit"
     category = Category.EDIT
     params_model = MEMITParams
+    version = "2"  # 2: the target optimization stops on the total loss, as the reference (was the NLL alone)
     sweep_axis = None
     needs_calibration = False
     #: the edits, and the generic text the key covariance is measured on
     data_inputs = ("edits", STATS_CORPUS)
     uses_tensor_cache = True
 
-    def layer_solver(self, covs: dict[int, torch.Tensor], params: Any, device: Any) -> tuple[LayerSolver, dict[str, Any]]:
+    def key_statistics(
+        self, model: Any, windows: list[list[int]], layers: list[int], cache: TensorCache | None, context: dict[str, Any]
+    ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+        """``C = E[k kᵀ]`` per layer: MEMIT's are the input model's; AlphaEdit's may be its lineage's root's."""
+        return cached_key_second_moments(model, windows, layers, STATS_CORPUS, cache)
+
+    def after_spreading(self, model: Any, tokenizer: Any, sites: list[EditSite], params: Any,
+                        context: dict[str, Any]) -> dict[str, Any]:
+        """Called once the update is in the weights; returns extra fields of the record (AlphaEdit: its K_p)."""
+        return {}
+
+    def layer_solver(
+        self, covs: dict[int, torch.Tensor], params: Any, device: Any, context: dict[str, Any] | None = None
+    ) -> tuple[LayerSolver, dict[str, Any]]:
         """MEMIT's closed form per layer (:func:`memit_update`); subclasses change only this (AlphaEdit).
 
         Returns the solver and what the record should say about it.
@@ -640,6 +695,12 @@ class MEMIT(Intervention):
     def apply(
         self, model: Any, tokenizer: Any, params: Any, data: Any, cache: TensorCache | None = None
     ) -> dict[str, Any]:
+        return self.edit(model, tokenizer, params, data, cache, {})
+
+    def edit(
+        self, model: Any, tokenizer: Any, params: Any, data: Any, cache: TensorCache | None, context: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The three stages; ``context`` is what a subclass's hooks share (AlphaEdit's lineage state)."""
         start = time.perf_counter()
         edits = list(data.edits)
         if not edits:
@@ -652,7 +713,7 @@ class MEMIT(Intervention):
             # statistics first: they describe the model as handed in (and cache under its digest)
             t0 = time.perf_counter()
             windows = stats_windows(tokenizer, data.texts(STATS_CORPUS), params)
-            covs, stats_info = cached_key_second_moments(model, windows, layers, STATS_CORPUS, cache)
+            covs, stats_info = self.key_statistics(model, windows, layers, cache, context)
             stats_seconds = time.perf_counter() - t0
 
             device = next(model.parameters()).device
@@ -663,7 +724,7 @@ class MEMIT(Intervention):
             target_seconds = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            solve, solver_info = self.layer_solver(covs, params, device)
+            solve, solver_info = self.layer_solver(covs, params, device, context)
             z = tr.targets.to(device)
             initial_gap = None
             per_layer = []
@@ -687,6 +748,7 @@ class MEMIT(Intervention):
             spread_seconds = time.perf_counter() - t0
             final, nll_after = edited_check(model, tokenizer, sites, last)
             remaining = ((z - final).norm(dim=-1) / initial_gap.clamp_min(1e-12)).mean()
+            solver_info = {**solver_info, **self.after_spreading(model, tokenizer, sites, params, context)}
         seconds = time.perf_counter() - start
         mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
         record = {
