@@ -52,11 +52,17 @@ bench-s3: install
 plan: install
 	$(VENV)/bin/lmcompose plan $(SPEC)
 
+# two pytest workers (pytest-xdist), one module per worker at a time: most of the suite's time is
+# single-threaded (kfp.local task start-up, compiles), so two workers use both cores; each worker's
+# torch runs one thread (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install
-	$(PY) -m pytest -q -ra --durations=20
+	$(PY) -m pytest -q -ra --durations=20 $(PYTEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_WORKERS)
 
 compile: install
 	mkdir -p $(BUILD)

@@ -507,11 +507,13 @@ def block_linear_weights(model: Any) -> dict[str, torch.Tensor]:
 
 
 def default_threads(requested: str | int | None = None) -> None:
-    """Set torch's intra-op threads: ``requested`` if given, else every core.
+    """Set torch's intra-op threads: ``requested`` if given, else ``$OMP_NUM_THREADS``, else every core.
 
     Tasks that run side by side (kfp.local runs two evaluations at once) ask
-    for fewer threads so they do not oversubscribe the cores.
+    for fewer threads so they do not oversubscribe the cores; a process whose
+    environment limits OpenMP (a container's CPU quota, parallel test workers)
+    keeps that limit instead of widening it to every core.
     """
-    n = int(requested) if requested else (os.cpu_count() or 1)
+    n = int(requested) if requested else int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -16,6 +16,25 @@ from tests.s3server import SeaweedS3, weed_binary
 BUCKET = "lm-compose-test"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``: two workers), each worker computes with one thread.
+
+    Two workers that each start torch's default thread pool (one thread per
+    core) put twice as many busy threads as cores on the machine, and OpenMP
+    threads that spin while they wait slow both.  One thread per worker keeps
+    the cores busy without that; the environment variables reach the
+    subprocesses kfp.local starts for its tasks.  A single-process run
+    (``TEST_WORKERS=0``) keeps torch's defaults.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer random Llama (hidden 64) with SmolLM2's tokenizer, as a safetensors folder."""

@@ -9,6 +9,7 @@ were all run once by hand when the catalog was written, see the commit message).
 
 import importlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def test_readme_examples_run_with_kfp_local(tmp_path, monkeypatch, tiny_dir):
     import kfp.local
 
     monkeypatch.setenv("LMCOMPOSE_STORE", str(tmp_path / "store"))
-    monkeypatch.setenv("LMCOMPOSE_EVAL_THREADS", "2")
+    monkeypatch.setenv("LMCOMPOSE_EVAL_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
     monkeypatch.chdir(ROOT)
     root = tmp_path / "kfp-local"
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True)

@@ -8,6 +8,7 @@ annotations`` here: KFP reads the pipeline function's annotations as types.)
 
 import json
 import math
+import os
 import re
 from typing import NamedTuple
 
@@ -111,7 +112,7 @@ def test_pipeline_of_loaded_yaml_components_runs_with_kfp_local(tmp_path, monkey
         return load_component_from_file(str(DEFAULT_OUT / f"{name}.yaml"))
 
     prepare_base, wanda, ft, evaluate = load("prepare_base"), load("wanda"), load("ft"), load("evaluate")
-    monkeypatch.setenv("LMCOMPOSE_EVAL_THREADS", "2")
+    monkeypatch.setenv("LMCOMPOSE_EVAL_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
 
     # the same composition compiled from a spec, in its own store
     spec = parse_spec({
