@@ -26,8 +26,8 @@ in full precision in both (``ignore=["lm_head"]``; it is tied to the
 embeddings), perplexity with :func:`shared.evaluation.perplexity.perplexity`
 on the built-in held-out text (float32, windows of 256 tokens).
 
-    python benchmarks/gptq_vs_rtn.py                 # default table (about 5 min on 2 idle cores)
-    python benchmarks/gptq_vs_rtn.py --all           # every variant (about 25 min)
+    python benchmarks/gptq_vs_rtn.py                 # default table (14 min measured on 2 cores shared with other work)
+    python benchmarks/gptq_vs_rtn.py --all           # every variant (several times longer)
     python benchmarks/gptq_vs_rtn.py --samples 8     # fewer calibration windows (default 16, as in compression.md)
 
 Writes ``docs/benchmarks/gptq_vs_rtn.json`` (``--json`` to change) and prints a table.
