@@ -58,6 +58,29 @@ def test_closed_form_with_protected_keys_is_the_reference_and_keeps_old_keys() -
     assert torch.allclose(with_kp @ (p @ keys.T), resid.T, atol=1e-2)
 
 
+@pytest.mark.parametrize("bad", ["wrong_width", "non_finite", "no_root"])
+def test_a_lineage_state_that_does_not_fit_the_model_is_refused(bad: str) -> None:
+    """Protecting keys of another model (or a damaged state) would silently change every later edit."""
+    from shared.interventions.alphaedit import AlphaEditParams
+    from shared.lineage_state import LineageEntry
+
+    d = 16
+    covs = {1: _random_cov(d)}
+    keys = torch.randn(3, d + (4 if bad == "wrong_width" else 0), dtype=torch.float64)
+    if bad == "non_finite":
+        keys[0, 0] = float("nan")
+    meta = {} if bad == "no_root" else {"root": {"digest": "ab" * 32, "key": ""}, "steps": 1}
+    entry = LineageEntry({"keys.layer1": keys}, meta)
+    method = get_intervention("alphaedit")
+    params = AlphaEditParams(layers=[1], nullspace_threshold=1.0)
+    context = {"lineage": Lineage(entry=entry)}
+    with pytest.raises(ValueError, match="lineage state"):
+        if bad == "no_root":
+            method.key_statistics(None, [[1, 2]], [1], None, context)
+        else:
+            method.layer_solver(covs, params, "cpu", context)
+
+
 def test_two_applications_in_memory_accumulate_keys_and_keep_the_root_projector(tiny_dir: Path) -> None:
     model, tok = load_model(tiny_dir)
     alpha = get_intervention("alphaedit")

@@ -223,7 +223,10 @@ class AlphaEdit(MEMIT):
             context["root_memory"] = {"covs": covs, "info": info, "windows": wd}
             info = {**info, "source": "input model (the lineage's root)"}
             return covs, info
-        root = entry.meta["root"]
+        root = entry.meta.get("root")
+        if not isinstance(root, dict) or not root.get("digest"):
+            raise ValueError("alphaedit: the checkpoint's lineage state (lineage_state/alphaedit.safetensors) names no "
+                             "root model, so the projector P cannot be rebuilt; it was not written by this version")
         context["root"] = root
         memory = entry.memory.get("root_statistics")
         if memory and memory["windows"] == wd and all(layer in memory["covs"] for layer in layers):
@@ -259,6 +262,14 @@ class AlphaEdit(MEMIT):
                 )
             projectors[layer], dims[str(layer)] = p, dim
             keys = protected_keys(entry, layer)
+            width = int(covs[layer].shape[0])
+            if keys is not None and (keys.dim() != 2 or int(keys.shape[1]) != width or not torch.isfinite(keys).all()):
+                # a state written for another model (or damaged): protecting the wrong keys would be silently wrong
+                raise ValueError(
+                    f"alphaedit: the lineage state's protected keys for layer {layer} have shape {tuple(keys.shape)}"
+                    f"{'' if torch.isfinite(keys).all() else ' and non-finite values'}; this model's keys there are "
+                    f"{width} wide (the lineage_state/alphaedit.safetensors beside the checkpoint does not belong to it)"
+                )
             previous[str(layer)] = 0 if keys is None else int(keys.shape[0])
             kp[layer] = keys if params.protect_previous_edits else None
 
