@@ -165,11 +165,23 @@ def _key_name(layer: int) -> str:
     return f"keys.layer{layer}"
 
 
-def protected_keys(entry: LineageEntry | None, layer: int) -> torch.Tensor | None:
-    """The keys of earlier AlphaEdit edits at ``layer`` recorded in a lineage entry (rows), or None."""
-    if entry is None:
-        return None
-    return entry.tensors.get(_key_name(layer))
+def protected_keys(entry: LineageEntry | None, layer: int, width: int | None = None) -> torch.Tensor | None:
+    """The keys of earlier AlphaEdit edits at ``layer`` recorded in a lineage entry (rows), or None.
+
+    With ``width`` (the layer's key width) the keys are checked first: a state
+    written for another model, or damaged, would silently protect the wrong keys.
+    """
+    keys = None if entry is None else entry.tensors.get(_key_name(layer))
+    if keys is None or width is None:
+        return keys
+    from shared.finite import check_finite_tensors
+
+    where = f"alphaedit: the lineage state's protected keys for layer {layer} (lineage_state/alphaedit.safetensors)"
+    if keys.dim() != 2 or int(keys.shape[1]) != width:
+        raise ValueError(f"{where} have shape {tuple(keys.shape)}; this model's keys there are {width} wide "
+                         "(the state beside the checkpoint does not belong to it)")
+    check_finite_tensors({_key_name(layer): keys}, where)
+    return keys
 
 
 @register
@@ -261,15 +273,7 @@ class AlphaEdit(MEMIT):
                     "raise the threshold"
                 )
             projectors[layer], dims[str(layer)] = p, dim
-            keys = protected_keys(entry, layer)
-            width = int(covs[layer].shape[0])
-            if keys is not None and (keys.dim() != 2 or int(keys.shape[1]) != width or not torch.isfinite(keys).all()):
-                # a state written for another model (or damaged): protecting the wrong keys would be silently wrong
-                raise ValueError(
-                    f"alphaedit: the lineage state's protected keys for layer {layer} have shape {tuple(keys.shape)}"
-                    f"{'' if torch.isfinite(keys).all() else ' and non-finite values'}; this model's keys there are "
-                    f"{width} wide (the lineage_state/alphaedit.safetensors beside the checkpoint does not belong to it)"
-                )
+            keys = protected_keys(entry, layer, width=int(covs[layer].shape[0]))
             previous[str(layer)] = 0 if keys is None else int(keys.shape[0])
             kp[layer] = keys if params.protect_previous_edits else None
 

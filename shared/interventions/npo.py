@@ -48,8 +48,9 @@ forgotten.  beta 0.3 puts the sigmoid back in its working range: 16 points
 forgotten with utility accuracy unchanged -- but held-out perplexity rises
 from 29.6 to 52.4, a language-modelling cost the accuracy does not show.  The
 saturation comes from the high per-token NLL of text the model never
-memorised, not from document length (the mean does not grow with length).  Note that NPO's forget loss is the *summed*
-sequence NLL (as in its reference code) while the retain loss is a mean, so
+memorised, not from document length (the mean does not grow with length).
+Note that NPO's forget loss is the *summed* sequence NLL (as in its reference
+code) while the retain loss is a mean, so
 the retain term weighs little in NPO and fully in SimNPO.
 """
 
